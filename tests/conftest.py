@@ -1,0 +1,28 @@
+"""Shared test set-up: CPU only, a fixed hypothesis profile, the real-data path."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests compile JAX functions: the first example is slow, so no deadline.
+settings.register_profile(
+    "jaxlearn", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("jaxlearn")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data sets (../shared/data or $JAXLEARN_DATA); skip when absent."""
+    path = Path(os.environ.get("JAXLEARN_DATA", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (set JAXLEARN_DATA)")
+    return path
