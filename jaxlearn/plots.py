@@ -27,3 +27,214 @@ def _finish(fig, path: str | Path | None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_schedule(
+    schedule,
+    num_steps: int,
+    *,
+    cycle_ends=None,
+    ax=None,
+    path: str | Path | None = None,
+    label: str | None = None,
+):
+    """Value of a schedule (`step -> value`) over steps 0 .. num_steps - 1.
+
+    Cycle ends are marked with dotted vertical lines in the curve's colour: given
+    explicitly, or asked of the schedule itself when it knows them (`cycle_ends(num_steps=)`
+    of jaxlearn's cyclic schedules). Pass `ax=` to draw several schedules on one figure.
+
+    Args:
+      schedule: any optax.Schedule.
+      num_steps: number of steps to draw (>= 1).
+      cycle_ends: steps to mark; None asks the schedule, () marks none.
+      ax: a matplotlib Axes to draw into; None makes a new figure.
+      path: where to save the figure as a PNG (optional).
+      label: legend entry for the curve.
+
+    Returns:
+      The matplotlib Figure.
+    """
+    import numpy as np
+
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    steps = np.arange(num_steps)
+    values = np.asarray(schedule(steps), np.float64)
+    if cycle_ends is None:
+        ask = getattr(schedule, "cycle_ends", None)
+        cycle_ends = ask(num_steps=num_steps) if ask is not None else ()
+    if ax is None:
+        fig, ax = _pyplot().subplots(figsize=(7, 3.5))
+    else:
+        fig = ax.figure
+    (line,) = ax.plot(steps, values, label=label)
+    for end in cycle_ends:
+        ax.axvline(end, color=line.get_color(), linestyle=":", linewidth=1, alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("value")
+    if label is not None:
+        ax.legend()
+    return _finish(fig, path)
+
+
+def plot_lr_find(result, *, ax=None, path: str | Path | None = None):
+    """Loss against learning rate (log axis) from `jaxlearn.lr_finder.lr_find`, suggestions marked.
+
+    The raw loss of each step is drawn faintly behind its smoothed curve; each rule
+    that made a suggestion is a marker on the smoothed curve, and a rule that could not
+    read the curve is listed in the legend as 'n/a'.
+
+    Args:
+      result: an `LRFindResult` (lrs, losses, smoothed, suggestions).
+      ax: a matplotlib Axes to draw into; None makes a new figure.
+      path: where to save the figure as a PNG (optional).
+
+    Returns:
+      The matplotlib Figure.
+    """
+    if len(result.lrs) == 0:
+        raise ValueError("result holds no steps: the sweep did not run")
+    if ax is None:
+        fig, ax = _pyplot().subplots(figsize=(6, 4))
+    else:
+        fig = ax.figure
+    ax.plot(result.lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed loss")
+    for i, (name, s) in enumerate(result.suggestions.items(), start=1):
+        if s.lr is None:
+            ax.plot([], [], " ", label=f"{name}: n/a")
+        else:
+            ax.plot(s.lr, s.loss, "o", color=f"C{i}", label=f"{name}: {s.lr:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test ({result.stopped})", fontsize=9)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_ensemble_curve(
+    curve, single: float | None = None, *, ax=None, path: str | Path | None = None, label=None
+):
+    """Accuracy of the snapshot ensemble against its number of snapshots (Huang et al. 2017).
+
+    Args:
+      curve: an `EnsembleCurve` from `jaxlearn.ensemble.accuracy_curve` (``ensemble`` and
+        ``members`` accuracies, one per snapshot).
+      single: accuracy of the single-model reference drawn as a horizontal line (e.g. a
+        model trained with a standard schedule for the same budget); None uses the last
+        snapshot alone, the model the run would otherwise have returned.
+      ax: a matplotlib Axes to draw into; None makes a new figure.
+      path: where to save the figure as a PNG (optional).
+      label: legend entry for the ensemble curve.
+
+    Returns:
+      The matplotlib Figure.
+    """
+    import numpy as np
+
+    ensemble, members = np.asarray(curve.ensemble), np.asarray(curve.members)
+    if ensemble.ndim != 1 or len(ensemble) == 0 or members.shape != ensemble.shape:
+        raise ValueError(
+            f"curve must hold M >= 1 accuracies, got {ensemble.shape}, {members.shape}"
+        )
+    single = float(members[-1]) if single is None else float(single)
+    if ax is None:
+        fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+    else:
+        fig = ax.figure
+    k = np.arange(1, len(ensemble) + 1)
+    (line,) = ax.plot(k, ensemble, "o-", label=label or "ensemble of the first k snapshots")
+    ax.plot(k, members, "x", color=line.get_color(), alpha=0.6, label="snapshot k alone")
+    ax.axhline(single, color="0.4", linestyle="--", label=f"single model ({single:.4f})")
+    ax.set_xticks(k)
+    ax.set_xlabel("number of snapshots k")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_sharpness(
+    sharpness, gap, *, ax=None, path: str | Path | None = None, xlabel: str = "sharpness"
+):
+    """Scatter of the generalisation gap against sharpness, one point per model.
+
+    The flat-minima question: do flatter minima (smaller loss rise under random weight
+    perturbations) generalise better (smaller test minus train loss)? The title gives
+    Pearson's r and Spearman's rank correlation.
+
+    Args:
+      sharpness: (N,) sharpness of each model (`jaxlearn.flatness.sharpness(...).mean`).
+      gap: (N,) generalisation gap of each model (test loss - train loss).
+      ax: a matplotlib Axes to draw into; None makes a new figure.
+      path: where to save the figure as a PNG (optional).
+      xlabel: label of the x axis (say the radius used).
+
+    Returns:
+      The matplotlib Figure.
+    """
+    import numpy as np
+
+    x, y = np.asarray(sharpness, np.float64), np.asarray(gap, np.float64)
+    if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
+        raise ValueError(
+            f"sharpness and gap must be 1-D of equal length >= 2, got {x.shape}, {y.shape}"
+        )
+    rank = lambda v: np.argsort(np.argsort(v))
+    pearson = np.corrcoef(x, y)[0, 1]
+    spearman = np.corrcoef(rank(x), rank(y))[0, 1]
+    if ax is None:
+        fig, ax = _pyplot().subplots(figsize=(5, 4))
+    else:
+        fig = ax.figure
+    ax.scatter(x, y, s=12, alpha=0.7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("generalisation gap (test - train loss)")
+    ax.set_title(f"{len(x)} models: Pearson r = {pearson:.2f}, Spearman ρ = {spearman:.2f}")
+    return _finish(fig, path)
+
+
+def plot_history(history: dict, path: str | Path | None = None):
+    """Training curves from `jaxlearn.loop.fit`'s history: loss, accuracy and LR against step.
+
+    Per-step training values are thin lines (the loss also smoothed, with
+    fast.ai's debiased EMA, beta 0.98); per-epoch means and evaluation results
+    are markers at the step that ended each epoch.
+
+    Args:
+      history: dict of arrays with 'step', 'loss', 'accuracy', 'lr' and, per
+        epoch, 'epoch_step', 'train_loss', 'train_accuracy', optionally
+        'eval_loss', 'eval_accuracy'.
+      path: save a PNG here as well.
+
+    Returns:
+      The figure (three panels side by side).
+    """
+    import numpy as np
+
+    missing = [k for k in ("step", "loss", "accuracy", "lr") if k not in history]
+    if missing:
+        raise ValueError(f"history lacks {missing}; pass the history that fit() returned")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    step, loss = np.asarray(history["step"]), np.asarray(history["loss"], np.float64)
+    beta, ema, smooth = 0.98, 0.0, np.empty_like(loss)
+    for i, value in enumerate(loss):
+        ema = beta * ema + (1 - beta) * value
+        smooth[i] = ema / (1 - beta ** (i + 1))
+    epoch_step = np.asarray(history.get("epoch_step", []))
+    for ax, key in zip(axes[:2], ("loss", "accuracy"), strict=True):
+        ax.plot(step, history[key], lw=0.6, alpha=0.4, label=f"train {key} (step)")
+        if key == "loss":
+            ax.plot(step, smooth, lw=1.2, label="train loss (smoothed)")
+        for prefix, marker in (("train", "o"), ("eval", "s")):
+            values = history.get(f"{prefix}_{key}")
+            if values is not None and len(values):
+                ax.plot(epoch_step, values, marker=marker, label=f"{prefix} {key} (epoch)")
+        ax.set(xlabel="step", ylabel=key)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[2].plot(step, history["lr"])
+    axes[2].set(xlabel="step", ylabel="learning rate")
+    return _finish(fig, path)

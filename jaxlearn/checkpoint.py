@@ -1,0 +1,205 @@
+"""Orbax checkpoints of a training run: state, history, captured snapshots and config.
+
+One checkpoint per saved step, each a directory with four items written by
+Orbax's CheckpointManager: `state` (the TrainState's arrays), `history` (JSON:
+per-step and per-epoch records, the number of snapshots), `config` (JSON, what
+the user passes) and `snapshots` (captured params + batch_stats, when any).
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a process killed mid-save leaves the previous checkpoints intact.
+
+Restoring reads arrays against an abstract target built from a live state (shapes,
+dtypes, shardings), so the optimizer state keeps its NamedTuple structure and
+arrays land directly on the mesh. A checkpoint of a different model is refused
+with the mismatched keys named, before anything is read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlearn.state import TrainState
+
+_STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
+
+
+def _state_tree(state: TrainState) -> dict:
+    return {f: getattr(state, f) for f in _STATE_FIELDS}
+
+
+def _key_name(entry: Any) -> str:
+    """One key-path entry as a plain name (NamedTuple fields are dict keys in Orbax metadata)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes_by_key(tree: Any) -> dict[str, tuple]:
+    """'a/b/c' key path -> shape of every array leaf (metadata or array alike)."""
+    return {
+        "/".join(map(_key_name, path)): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) to restore `tree`'s arrays into."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def history_to_json(history: dict[str, np.ndarray]) -> dict[str, list]:
+    """History arrays -> JSON lists (float32 values survive the float64 round trip exactly)."""
+    return {k: np.asarray(v).tolist() for k, v in history.items()}
+
+
+class Checkpointer:
+    """Save and restore training runs in one directory, keeping the newest `max_to_keep`."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
+        """Open (or create) the checkpoint directory.
+
+        Args:
+          directory: where checkpoints live, one sub-directory per step.
+          max_to_keep: how many of the newest checkpoints to keep (None: all).
+        """
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            # Synchronous: the train step donates the state right after a save.
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        )
+        # Handlers named up front, so a fresh process can read item metadata before restoring.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "history": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "snapshots": ocp.StandardCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
+
+    def latest_step(self) -> int | None:
+        """Step of the newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of every kept checkpoint, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(
+        self,
+        state: TrainState,
+        *,
+        history: dict[str, np.ndarray] | None = None,
+        snapshots: list | None = None,
+        config: dict | None = None,
+    ) -> None:
+        """Write a checkpoint at `state.step` (replacing one already there).
+
+        Args:
+          state: the train state.
+          history: `fit`'s history (dict of arrays).
+          snapshots: list of captured `{'params', 'batch_stats'}` pytrees.
+          config: JSON-serializable record of the run's configuration.
+        """
+        step = int(jax.device_get(state.step))
+        snapshots = list(snapshots or [])
+        items = {
+            "state": ocp.args.StandardSave(_state_tree(state)),
+            "history": ocp.args.JsonSave(
+                {"history": history_to_json(history or {}), "num_snapshots": len(snapshots)}
+            ),
+            "config": ocp.args.JsonSave(dict(config or {})),
+        }
+        if snapshots:
+            items["snapshots"] = ocp.args.StandardSave({str(i): s for i, s in enumerate(snapshots)})
+        if step in self.manager.all_steps():
+            self.manager.delete(step)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, target: TrainState, step: int | None = None) -> dict[str, Any]:
+        """Read a checkpoint into the structure, dtypes and shardings of `target`.
+
+        Args:
+          target: a live state of the same model and optimizer (e.g. freshly
+            created); it is only read, never modified.
+          step: which checkpoint (default: the newest).
+
+        Returns:
+          `{'state': TrainState, 'history': dict of arrays, 'snapshots': list of
+          pytrees of NumPy arrays, 'config': dict}`.
+
+        Raises:
+          FileNotFoundError: no checkpoint in the directory, or not at `step`.
+          ValueError: the checkpoint holds a different model or optimizer; the
+            message names the missing, unexpected and reshaped keys.
+        """
+        steps = self.manager.all_steps()
+        if step is None:
+            step = self.manager.latest_step()
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {self.directory} (have {steps})"
+            )
+        self._check_matches(target, step)
+        meta = self.manager.restore(
+            step,
+            args=ocp.args.Composite(history=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()),
+        )
+        num_snapshots = meta["history"]["num_snapshots"]
+        items = {"state": ocp.args.StandardRestore(_abstract(_state_tree(target)))}
+        if num_snapshots:
+            host = {
+                "params": target.params,
+                "batch_stats": target.batch_stats,
+            }
+            like = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), host)
+            items["snapshots"] = ocp.args.StandardRestore(
+                {str(i): like for i in range(num_snapshots)}
+            )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        history = {k: np.asarray(v) for k, v in meta["history"]["history"].items()}
+        snapshots = [restored["snapshots"][str(i)] for i in range(num_snapshots)]
+        return {
+            "state": target.replace(**restored["state"]),
+            "history": history,
+            "snapshots": snapshots,
+            "config": meta["config"],
+        }
+
+    def _check_matches(self, target: TrainState, step: int) -> None:
+        """ValueError naming the keys where the checkpoint's state differs from `target`'s."""
+        saved = _shapes_by_key(self.manager.item_metadata(step)["state"])
+        wanted = _shapes_by_key(_state_tree(target))
+        missing = sorted(set(wanted) - set(saved))
+        unexpected = sorted(set(saved) - set(wanted))
+        reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+        if missing or unexpected or reshaped:
+            detail = [
+                f"{name}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape differs", reshaped))
+                if keys
+            ]  # fmt: skip
+            raise ValueError(
+                f"checkpoint {self.directory} step {step} does not match the target state "
+                f"(a different model or optimizer?); " + "; ".join(detail)
+            )
+
+    def close(self) -> None:
+        """Finish pending writes and release the manager."""
+        self.manager.close()

@@ -1,0 +1,56 @@
+"""Image data: sources -> `ImageArrays` in memory, carving, the loader, on-device augmentation.
+
+Sources: `load_image_folder` (ROOT/SPLIT/CLASS/*), `load_tfds` (tensorflow-
+datasets by name and split), `load_mnist` (the four idx files). Then `carve`
+a validation set or take a `subset`, feed `ArrayLoader`, and augment on the
+device with the functions of `jaxlearn.data.augment`.
+"""
+
+from jaxlearn.data.arrays import ImageArrays
+from jaxlearn.data.augment import (
+    Augment,
+    channel_stats,
+    color_jitter,
+    compose,
+    cutout,
+    denormalize,
+    hflip,
+    normalize,
+    random_crop,
+    random_flip,
+    random_resized_crop,
+    to_float,
+    tta_views,
+)
+from jaxlearn.data.cache import default_cache_dir
+from jaxlearn.data.folders import load_image_folder
+from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.data.mnist import load_mnist
+from jaxlearn.data.split import carve, carve_indices, subset
+from jaxlearn.data.tfds import hide_gpus_from_tensorflow, load_tfds
+
+__all__ = [
+    "ArrayLoader",
+    "Augment",
+    "ImageArrays",
+    "carve",
+    "carve_indices",
+    "channel_stats",
+    "color_jitter",
+    "compose",
+    "cutout",
+    "default_cache_dir",
+    "denormalize",
+    "hflip",
+    "hide_gpus_from_tensorflow",
+    "load_image_folder",
+    "load_mnist",
+    "load_tfds",
+    "normalize",
+    "random_crop",
+    "random_flip",
+    "random_resized_crop",
+    "subset",
+    "to_float",
+    "tta_views",
+]

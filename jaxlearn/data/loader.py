@@ -1,0 +1,113 @@
+"""In-memory batch loader whose data order is a pure function of (seed, epoch).
+
+Images and labels live in host memory as NumPy arrays; each step gathers one
+global batch, takes this process's share of its rows and puts them on the
+device mesh (`shard_batch`). Because the permutation of epoch `e` is
+`default_rng([seed, e]).permutation(n)`, a run resumed at (epoch, step)
+sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlearn.parallel import data_mesh, local_batch_size, shard_batch
+
+
+class ArrayLoader:
+    """Batches of `{'image', 'label'[, 'mask']}` from in-memory arrays, sharded on a mesh.
+
+    Training loaders shuffle each epoch and drop the last partial batch (every
+    step sees `batch_size` examples, so BatchNorm statistics and the LR per
+    example stay constant). Evaluation loaders keep the order and pad the last
+    batch with `mask=False` rows, so every example counts exactly once.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        train: bool = True,
+        num_classes: int | None = None,
+        mesh: Mesh | None = None,
+    ):
+        """Check the arrays and the batch size.
+
+        Args:
+          images: (N, H, W, C) array (uint8 or float).
+          labels: (N,) integer labels.
+          batch_size: global examples per step (over all processes); must be a
+            multiple of the device count.
+          seed: seed of the per-epoch shuffle (training only).
+          train: shuffle and drop the last partial batch (True) or keep order and pad (False).
+          num_classes: when given, labels outside [0, num_classes) are a ValueError.
+          mesh: data mesh (default `data_mesh()`).
+        """
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.ndim < 2 or len(images) == 0:
+            raise ValueError(f"images must be a non-empty (N, ...) array, got shape {images.shape}")
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"labels must be an integer array of shape ({len(images)},), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+        if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, num_classes={num_classes}), "
+                f"got min {labels.min()} max {labels.max()}"
+            )
+        self.mesh = mesh or data_mesh()
+        self._local = local_batch_size(batch_size, self.mesh)
+        if train and batch_size > len(images):
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(images)} training examples")
+        self.images, self.labels = images, labels.astype(np.int32)
+        self.batch_size, self.seed, self.train = batch_size, seed, train
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in the data set."""
+        return len(self.images)
+
+    def __len__(self) -> int:
+        """Steps per epoch."""
+        n, b = self.num_examples, self.batch_size
+        return n // b if self.train else -(-n // b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Example indices of `epoch`, in the order they are served (pure in seed, epoch)."""
+        if not self.train:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Yield the batches of `epoch` from `start_step` on, sharded on the mesh.
+
+        Args:
+          epoch: epoch index (selects the shuffle).
+          start_step: first step within the epoch (to resume mid-epoch).
+        """
+        order = self.order(epoch)
+        first = jax.process_index() * self._local
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            batch = {"image": self.images[idx], "label": self.labels[idx]}
+            if not self.train:
+                pad = self.batch_size - len(idx)
+                batch["mask"] = np.arange(self.batch_size) < len(idx)
+                batch["image"] = np.pad(
+                    batch["image"], [(0, pad)] + [(0, 0)] * (batch["image"].ndim - 1)
+                )
+                batch["label"] = np.pad(batch["label"], (0, pad))
+            local = {k: v[first : first + self._local] for k, v in batch.items()}
+            yield shard_batch(local, self.mesh)
+
+    def __iter__(self) -> Iterator[dict]:
+        """The batches of epoch 0 (for evaluation loaders)."""
+        return self.epoch(0)

@@ -1,0 +1,127 @@
+"""Many independent training runs in one program: vmap the init and the train step over seeds.
+
+Radek trained 100 MLPs for the flat-minima post and 20 runs per arm for the cosine
+race. Run one after another, small models leave the hardware idle and pay the Python
+and dispatch overhead N times. Here the N models are one pytree with a leading model
+axis: `init_many` vmaps `TrainState.create` over N init keys, and `train_many` vmaps
+the pure (unjitted) train step over the models inside a `lax.scan` over the steps of
+an epoch, so an epoch of all N runs is one compiled program.
+
+Each model keeps its own data order: model i sees the examples in the order
+`jaxlearn.data.loader.ArrayLoader(..., seed=seeds[i]).order(epoch)` (the same
+permutation a single run with that loader sees), gathered on the device from one
+shared copy of the data. So model i ends exactly where `fit` with that loader and
+init key would end: bit for bit on CPU (a GPU may round batched matrix products
+differently from single ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.state import TrainState
+
+Step = Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+def init_many(
+    model: nn.Module, tx: optax.GradientTransformation, keys: jax.Array, example_input: jax.Array
+) -> TrainState:
+    """N fresh train states stacked along a leading axis, one per init key.
+
+    Args:
+      model, tx, example_input: as in `TrainState.create`.
+      keys: N PRNG keys, e.g. ``jax.random.split(jax.random.key(0), 100)``.
+
+    Returns:
+      A `TrainState` whose every array leaf has a leading axis of size N; slice model i
+      with ``jax.tree.map(lambda x: x[i], states)``.
+    """
+    if jnp.ndim(keys) < 1 or len(keys) < 1:
+        raise ValueError(f"keys must hold at least one key on axis 0, got shape {jnp.shape(keys)}")
+    return _init_many(model, tx, keys, jnp.asarray(example_input))
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _init_many(model, tx, keys, example_input):
+    """Compiled once per (model, optimizer); keys and input shapes are traced."""
+    return jax.vmap(lambda key: TrainState.create(model, tx, key, example_input))(keys)
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _run_epoch(train_step: Step, states, images, labels, order):
+    """Every model trains on its own order (N, steps, batch) of the shared examples."""
+
+    def run(state, model_order):
+        def body(st, idx):
+            return train_step(st, {"image": images[idx], "label": labels[idx]})
+
+        return jax.lax.scan(body, state, model_order)
+
+    return jax.vmap(run)(states, order)
+
+
+def train_many(
+    states: TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    train_step: Step,
+    batch_size: int,
+    seeds: Sequence[int],
+    epochs: int,
+    start_epoch: int = 0,
+) -> tuple[TrainState, dict[str, np.ndarray]]:
+    """Train N stacked models for ``epochs`` epochs, each on its own data order.
+
+    Args:
+      states: stacked states from `init_many` (consumed: their buffers are donated).
+      images, labels: the whole training set (N_examples, ...), (N_examples,); copied
+        to the device once and shared by all models.
+      train_step: the PURE step, ``make_train_step(jit=False, ...)``; it is vmapped
+        over the models and compiled here.
+      batch_size: examples per step; each epoch drops the last partial batch, as
+        `ArrayLoader` does.
+      seeds: data-order seed of each model (length N).
+      epochs: number of epochs to run.
+      start_epoch: index of the first epoch (to continue a run: orders depend on it).
+
+    Returns:
+      ``(states, metrics)``: the trained states and a dict of the step's metrics as
+      NumPy arrays of shape (N, epochs * steps_per_epoch).
+
+    Raises:
+      ValueError: a jitted ``train_step``, ``seeds`` not matching the models, or labels
+        outside the model's classes.
+    """
+    if hasattr(train_step, "lower"):
+        raise ValueError("train_step must be the pure step: make_train_step(jit=False)")
+    if jnp.ndim(states.step) != 1:
+        raise ValueError("states must be stacked along a leading model axis (use init_many)")
+    n_models = int(states.step.shape[0])
+    if len(seeds) != n_models:
+        raise ValueError(f"seeds must give one seed per model ({n_models}), got {len(seeds)}")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    loaders = [ArrayLoader(images, labels, batch_size, seed=int(s)) for s in seeds]
+    steps = len(loaders[0])
+    x, y = jnp.asarray(loaders[0].images), jnp.asarray(loaders[0].labels)
+    history: list[dict] = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        order = np.stack([lo.order(epoch)[: steps * batch_size] for lo in loaders])
+        order = jnp.asarray(order.reshape(n_models, steps, batch_size), jnp.int32)
+        states, metrics = _run_epoch(train_step, states, x, y, order)
+        metrics = jax.device_get(metrics)
+        if np.any(metrics.get("bad_labels", 0)):
+            raise ValueError(f"labels outside the model's classes in epoch {epoch}")
+        history.append(metrics)
+    keys = history[0].keys() if history else ()
+    return states, {k: np.concatenate([h[k] for h in history], axis=1) for k in keys}

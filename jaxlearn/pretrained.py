@@ -1,0 +1,399 @@
+"""torchvision and timm ResNet weights -> Flax variables, and a cache of converted weights.
+
+The models in `jaxlearn.models` name their modules after torchvision's state-dict
+keys ('.' -> '_' before an index: `layer1.0.downsample.1` is
+`layer1_0/downsample_1`), so the conversion is mechanical:
+
+  conv weight (O, I, kH, kW)  -> kernel (kH, kW, I, O)
+  fc weight (out, in)         -> kernel (in, out)
+  BatchNorm weight / bias     -> scale / bias      ('params')
+  running_mean / running_var  -> mean / var        ('batch_stats')
+  num_batches_tracked         -> dropped (torch uses it only when momentum=None)
+
+timm's plain `resnet18/34/50/101/152` use the same key names (conv1, bn1,
+layerK.J.*, downsample.0/.1, fc) and architecture, so their state dicts
+convert the same way. Every conversion is checked key by key and shape by
+shape against the model, and fails with a report before anything is returned.
+
+Files: `.safetensors` are read with numpy alone; `.pth` needs PyTorch and is
+read with `torch.load(weights_only=True)`, which refuses to unpickle code.
+Converted variables are stored as Flax msgpack (no pickle either) with
+`save_variables` / `load_variables`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+# torchvision's published ImageNet checkpoints; the file name ends with the first
+# 8 hex digits of the file's SHA-256. Plain names are IMAGENET1K_V1; '_v2' are the
+# "new training recipe" weights (ResNet-50: 76.13% -> 80.86% top-1).
+TORCHVISION_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "resnet152": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+    "resnet50_v2": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+    "resnet101_v2": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+    "resnet152_v2": "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+}
+
+# The normalisation torchvision's and timm's ImageNet weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_LEAF_TO_TORCH = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+_COLLECTIONS = ("params", "batch_stats")
+
+
+def imagenet_normalize(images: jax.Array) -> jax.Array:
+    """uint8 (or [0, 1] float) NHWC images -> float32 normalised with ImageNet's mean and std.
+
+    Pass it as the train and eval steps' `preprocess` when fine-tuning
+    torchvision or timm weights: they expect exactly this input.
+    """
+    images = jnp.asarray(images)
+    x = images.astype(jnp.float32)
+    if images.dtype == jnp.uint8:
+        x = x / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def default_cache_dir() -> Path:
+    """$JAXLEARN_CACHE, else ~/.cache/jaxlearn: where checkpoints and converted weights live."""
+    return Path(os.environ.get("JAXLEARN_CACHE", Path.home() / ".cache" / "jaxlearn"))
+
+
+def _template(model: nn.Module, input_shape) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """The model's variables as flat {path: ShapeDtypeStruct}, without computing anything."""
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False)
+    )
+    tree = {c: variables[c] for c in _COLLECTIONS if c in variables}
+    return traverse_util.flatten_dict(tree)
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The torchvision state-dict key of a Flax variable path.
+
+    ('params', 'layer1_0', 'downsample_1', 'scale') -> 'layer1.0.downsample.1.weight'.
+    """
+    modules = [re.sub(r"_(\d+)$", r".\1", name) for name in path[1:-1]]
+    return ".".join([*modules, _LEAF_TO_TORCH[path[-1]]])
+
+
+def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+    """torch OIHW conv / (out, in) linear weights -> Flax HWIO / (in, out); others unchanged."""
+    if array.ndim == 4:
+        return np.transpose(array, (2, 3, 1, 0))
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch shape of a Flax kernel shape (the inverse of `_to_flax_layout`)."""
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def mismatch_report(
+    given: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> str:
+    """Missing, unexpected and mis-shaped keys, one per line; '' when everything fits.
+
+    Args:
+      given: key -> shape of what was read.
+      expected: key -> shape the model needs.
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [k for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
+    lines = []
+    for title, keys, describe in (
+        ("missing", missing, lambda k: f"{k} {tuple(expected[k])}"),
+        ("unexpected", unexpected, lambda k: f"{k} {tuple(given[k])}"),
+        (
+            "mis-shaped",
+            misshaped,
+            lambda k: f"{k}: file {tuple(given[k])}, model {tuple(expected[k])}",
+        ),
+    ):
+        if keys:
+            lines.append(f"{len(keys)} {title} key(s):")
+            lines += [f"  {describe(k)}" for k in keys[:20]]
+            if len(keys) > 20:
+                lines.append(f"  ... and {len(keys) - 20} more")
+    return "\n".join(lines)
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray], model: nn.Module, *, input_shape=(1, 224, 224, 3)
+) -> dict:
+    """Convert a torchvision/timm ResNet state dict into Flax variables for `model`.
+
+    Strict: every key the model needs must be present with the right shape and no
+    other keys may be left over (`num_batches_tracked` aside), otherwise nothing
+    is converted.
+
+    Args:
+      state_dict: torch key -> array (numpy, or anything `np.asarray` takes).
+      model: the Flax model the weights are for, e.g. `get_model('resnet50', 1000)`.
+      input_shape: an input shape the model accepts (only shapes are traced).
+
+    Returns:
+      `{'params': ..., 'batch_stats': ...}` of float32 jax arrays.
+
+    Raises:
+      ValueError: naming every missing, unexpected and mis-shaped key with shapes.
+    """
+    template = _template(model, input_shape)
+    keys = {torch_key(path): path for path in template}
+    given = {
+        k: np.asarray(v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
+    }
+    report = mismatch_report(
+        {k: v.shape for k, v in given.items()},
+        {k: _torch_shape(template[path].shape) for k, path in keys.items()},
+    )
+    if report:
+        raise ValueError(
+            f"state_dict does not fit {type(model).__name__}"
+            f"(num_classes={getattr(model, 'num_classes', '?')}):\n{report}"
+        )
+    flat = {
+        path: jnp.asarray(_to_flax_layout(given[k]), dtype=template[path].dtype)
+        for k, path in keys.items()
+    }
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a PyTorch state dict from `.safetensors` (no torch needed) or `.pth` / `.pt` / `.bin`.
+
+    `.pth` files are read with `torch.load(weights_only=True)`, which only
+    rebuilds tensors and containers and refuses to run pickled code.
+
+    Args:
+      path: the weights file.
+
+    Returns:
+      key -> numpy array (bfloat16 tensors become float32).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ImportError: a `.pth` file without PyTorch installed.
+      ValueError: an unknown suffix, a corrupt file, or not a flat name -> tensor mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no weights file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as err:  # safetensors raises its own SafetensorError and others
+            raise ValueError(f"path: {path} is not a readable safetensors file ({err})") from err
+    if suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"path: expected .safetensors, .pth, .pt or .bin, got {path.name!r}")
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"reading {path.name} needs PyTorch: pip install 'jaxlearn[torch]', "
+            "or use the .safetensors version of the weights"
+        ) from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt zip, truncated file, disallowed pickle globals
+        raise ValueError(f"path: {path} is not a readable PyTorch weights file ({err})") from err
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"path: {path} does not hold a flat mapping of names to tensors")
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+        for k, v in state.items()
+    }
+
+
+def save_variables(path: str | Path, variables: Mapping) -> Path:
+    """Write Flax variables ({'params', 'batch_stats'} or any nested dict) as msgpack.
+
+    The file is written to a temporary name and renamed, so a crash never leaves
+    a half-written file under `path`. `load_variables` reads it back.
+
+    Args:
+      path: destination file (parents are created); '.msgpack' by convention.
+      variables: nested dict of arrays.
+
+    Returns:
+      The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(jax.device_get(dict(variables))))
+    os.replace(tmp, path)
+    return path
+
+
+def load_variables(
+    path: str | Path, model: nn.Module | None = None, *, input_shape=(1, 224, 224, 3)
+) -> dict:
+    """Read variables written by `save_variables`, checked against `model` when given.
+
+    Args:
+      path: the msgpack file.
+      model: when given, the variables must have exactly this model's keys and shapes.
+      input_shape: an input shape the model accepts (only shapes are traced).
+
+    Returns:
+      The nested dict of jax arrays.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: a corrupt file, or keys/shapes that do not fit `model` (with a report).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no variables file at {path}")
+    try:
+        variables = serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:  # msgpack raises several unrelated types on bad bytes
+        raise ValueError(f"path: {path} is not a readable msgpack variables file ({err})") from err
+    if not isinstance(variables, dict):
+        raise ValueError(f"path: {path} does not hold a dict of variables")
+    if model is not None:
+        flat = traverse_util.flatten_dict(variables)
+        template = _template(model, input_shape)
+        report = mismatch_report(
+            {"/".join(k): np.shape(v) for k, v in flat.items()},
+            {"/".join(k): v.shape for k, v in template.items()},
+        )
+        if report:
+            raise ValueError(f"{path} does not fit {type(model).__name__}:\n{report}")
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def load_torch_weights(path: str | Path, model: nn.Module, *, input_shape=(1, 224, 224, 3)):
+    """Read a torchvision/timm weights file and convert it for `model`.
+
+    `load_state_dict` then `convert_state_dict`; see those for the checks and errors.
+    """
+    return convert_state_dict(load_state_dict(path), model, input_shape=input_shape)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_prefix(url: str) -> str:
+    """The SHA-256 prefix in a torchvision file name: 'resnet18-f37072fd.pth' -> 'f37072fd'."""
+    match = re.search(r"-([0-9a-f]{8,64})\.[a-z]+$", url)
+    if match is None:
+        raise ValueError(f"url: no '-<sha256 prefix>.<ext>' at the end of {url!r}")
+    return match.group(1)
+
+
+def download_checkpoint(url: str, cache_dir: str | Path | None = None) -> Path:
+    """The checkpoint at `url`, downloaded into `cache_dir` once, SHA-256 checked.
+
+    A file already in `cache_dir` (e.g. copied there on an offline machine) is
+    used as is after the same hash check.
+
+    Args:
+      url: a URL whose file name ends in '-<first hex digits of its SHA-256>.<ext>',
+        as torchvision's do.
+      cache_dir: where to keep it; `default_cache_dir()` when None.
+
+    Returns:
+      The local path.
+
+    Raises:
+      FileNotFoundError: the file is not cached and cannot be downloaded (offline);
+        the message says where to put it.
+      ValueError: the file's SHA-256 does not start with the URL's prefix.
+    """
+    prefix = _hash_prefix(url)
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / url.rsplit("/", 1)[1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError) as err:
+            tmp.unlink(missing_ok=True)
+            raise FileNotFoundError(
+                f"could not download {url} ({err}). Offline? Download it on a machine with "
+                f"internet access and put it at {path}"
+            ) from err
+        os.replace(tmp, path)
+    digest = _sha256(path)
+    if not digest.startswith(prefix):
+        raise ValueError(
+            f"{path} has SHA-256 {digest[:16]}..., expected a prefix {prefix} from {url}; "
+            "the file is corrupt or a different checkpoint: delete it and retry"
+        )
+    return path
+
+
+def torchvision_variables(
+    name: str, model: nn.Module | None = None, *, cache_dir: str | Path | None = None
+) -> dict:
+    """torchvision's ImageNet weights for a ResNet as Flax variables, cached after conversion.
+
+    The first call downloads the `.pth` (needs PyTorch to read it) and writes the
+    converted variables next to it as '<file>.msgpack'; later calls read only that.
+
+    Args:
+      name: a key of `TORCHVISION_URLS` ('resnet18' ... 'resnet152', 'resnet50_v2', ...).
+      model: the 1000-class model to check against; by default the registry's
+        ResNet of that depth. Use `jaxlearn.transfer.replace_head` for other class counts.
+      cache_dir: where checkpoints and converted weights live; `default_cache_dir()`.
+
+    Returns:
+      `{'params': ..., 'batch_stats': ...}`.
+    """
+    if name not in TORCHVISION_URLS:
+        raise ValueError(f"name must be one of {sorted(TORCHVISION_URLS)}, got {name!r}")
+    if model is None:
+        from jaxlearn.models import get_model
+
+        model = get_model(name.removesuffix("_v2"), num_classes=1000)
+    url = TORCHVISION_URLS[name]
+    cache = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    converted = cache / (url.rsplit("/", 1)[1] + ".msgpack")
+    if converted.is_file():
+        return load_variables(converted, model)
+    variables = load_torch_weights(download_checkpoint(url, cache), model)
+    save_variables(converted, variables)
+    return variables

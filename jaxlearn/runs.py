@@ -1,0 +1,164 @@
+"""Run records for experiments: where the data is, what machine ran, what came out.
+
+Radek's rules ask every run to leave behind its config, seeds, metrics, wall time,
+hardware and library versions. `write_results` writes exactly that as
+``results.json`` next to the run's figures, so every number quoted in
+experiments/RESULTS.md can be traced to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Packages whose versions go into every results.json.
+_PACKAGES = ("jaxlearn", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def experiment_parser(description: str, *, default_out: str) -> argparse.ArgumentParser:
+    """The flags every experiment script shares; a script adds its own on top.
+
+    ``--quick`` switches to the ~10-second mode (a subset, few steps: Radek's
+    10-second rule), ``--data`` names the data folder (else ``JAXLEARN_DATA``, else
+    ../shared/data), ``--out`` the folder for results.json and figures, and
+    ``--seeds`` how many seeds to run (0, 1, ..., n-1).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="~10-second mode on a subset")
+    parser.add_argument("--data", default=None, help="data folder (default: $JAXLEARN_DATA)")
+    parser.add_argument("--out", default=default_out, help="output folder (results.json, PNGs)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
+    return parser
+
+
+def data_root(path: str | os.PathLike | None = None) -> Path:
+    """The folder that holds the real data sets.
+
+    Precedence: the explicit ``path`` (a script's ``--data`` flag), then the
+    ``JAXLEARN_DATA`` environment variable, then ``../shared/data`` beside the
+    repository (this project's machines).
+
+    Raises:
+      FileNotFoundError: naming the folder that was tried, and how to set it.
+    """
+    if path is None:
+        path = os.environ.get("JAXLEARN_DATA")
+    if path is None:
+        path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder {root} does not exist: pass --data PATH or set JAXLEARN_DATA"
+        )
+    return root
+
+
+def environment() -> dict[str, Any]:
+    """Hardware and library versions of this process, for results.json."""
+    import jax
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
+        "versions": versions,
+        "git_commit": _git_commit(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy and JAX scalars/arrays to plain Python, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__array__") and not isinstance(value, str | bytes):
+        array = np.asarray(value)
+        return array.item() if array.ndim == 0 else array.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than dropping them
+    return value
+
+
+def write_results(
+    out_dir: str | os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    seeds: list[int] | tuple[int, ...],
+    started: float,
+) -> Path:
+    """Write ``out_dir/results.json`` with config, seeds, metrics, wall time and environment.
+
+    Args:
+      out_dir: the run's output folder (created if missing).
+      config: everything needed to rerun (data path, model, schedule, quick or full).
+      metrics: the measured numbers.
+      seeds: the seeds the run used.
+      started: ``time.time()`` at the start of the run; wall time is measured up to now.
+
+    Returns:
+      The path of the written file. The file is written to a temporary name and
+      renamed, so a killed run never leaves half a results.json behind.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": _jsonable(config),
+        "seeds": list(seeds),
+        "metrics": _jsonable(metrics),
+        "wall_time_s": round(time.time() - started, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(),
+    }
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

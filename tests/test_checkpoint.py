@@ -1,0 +1,114 @@
+"""Orbax checkpoints: round trip, max_to_keep, model mismatch, and SIGKILL-then-resume."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+from core_worker import TinyNet, fit_run, make_run, tiny_data
+
+from jaxlearn.checkpoint import Checkpointer
+from jaxlearn.state import TrainState
+
+WORKER = Path(__file__).with_name("core_worker.py")
+
+
+def _states(steps=3):
+    """Host copies of the state after each of the first `steps` steps."""
+    state, loader, step = make_run()
+    states = []
+    for _, batch in zip(range(steps), loader.epoch(0), strict=False):
+        state, _ = step(state, batch)
+        states.append(jax.device_get(state))
+    return states
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_round_trip_keeps_everything_and_max_to_keep(tmp_path):
+    ckpt = Checkpointer(tmp_path, max_to_keep=2)
+    first, state, third = _states(3)
+    ckpt.save(first)
+    snap = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    history = {"loss": np.array([2.5, 1.25], np.float32), "eval_loss": np.array([], np.float32)}
+    ckpt.save(state, history=history, snapshots=[snap, snap], config={"lr": 0.05, "arch": "tiny"})
+    ckpt.save(third)
+    assert ckpt.all_steps() == [2, 3]
+    fresh, _, _ = make_run()
+    out = ckpt.restore(fresh, step=2)
+    _assert_trees_equal(out["state"], state)
+    assert type(out["state"].opt_state) is type(state.opt_state)  # optax NamedTuples, not dicts
+    assert out["state"].apply_fn is fresh.apply_fn
+    assert int(fresh.step) == 0  # the target is only read
+    np.testing.assert_array_equal(out["history"]["loss"], history["loss"])
+    assert out["config"] == {"lr": 0.05, "arch": "tiny"}
+    assert len(out["snapshots"]) == 2
+    _assert_trees_equal(out["snapshots"][1], snap)
+    assert int(ckpt.restore(fresh)["state"].step) == 3
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        ckpt.restore(fresh, step=7)
+
+
+class _NoBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.Dense(3)(x.reshape(len(x), -1))
+
+
+def test_model_without_batchnorm_round_trips(tmp_path):
+    images, _ = tiny_data(2)
+    state = TrainState.create(_NoBN(), optax.adam(1e-3), jax.random.key(1), images)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(state)
+    out = ckpt.restore(TrainState.create(_NoBN(), optax.adam(1e-3), jax.random.key(2), images))
+    _assert_trees_equal(out["state"], state)
+
+
+def test_different_model_is_refused_naming_keys(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(make_run()[0])
+    images, _ = tiny_data(2)
+    other = TrainState.create(TinyNet(num_classes=5), optax.sgd(0.1), jax.random.key(0), images)
+    before = jax.device_get(other)
+    with pytest.raises(ValueError, match=r"shape differs: .*params/Dense_0/bias") as err:
+        ckpt.restore(other)
+    assert "unexpected: opt_state/0/trace" in str(err.value)  # sgd without momentum has no trace
+    _assert_trees_equal(other, before)
+    with pytest.raises(ValueError, match="max_to_keep"):
+        Checkpointer(tmp_path / "x", max_to_keep=0)
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    fit_run(str(tmp_path / "straight.npz"), str(tmp_path / "straight"), epochs=3)
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(WORKER), "fit", str(tmp_path / "unused.npz"), str(killed_dir), "3"]
+    proc = subprocess.Popen([*cmd, "0.3"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "step 7":  # checkpoints at 2, 4, 6; killed during step 8
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "unused.npz").exists()
+    assert Checkpointer(killed_dir).latest_step() == 6
+    fit_run(str(tmp_path / "resumed.npz"), str(killed_dir), epochs=3)
+    straight, resumed = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
+    assert int(resumed["step"]) == int(straight["step"]) == 12
+    assert sorted(straight.files) == sorted(resumed.files)
+    for key in straight.files:
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)

@@ -1,0 +1,141 @@
+"""fit(): history, evaluation, stopping, capture, NaN guard, bad input, exact continuation."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from core_worker import TinyNet, make_run, tiny_data
+
+from jaxlearn.checkpoint import Checkpointer
+from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.loop import (
+    CaptureParams,
+    Checkpoint,
+    NonFiniteLossError,
+    StopAtMetric,
+    evaluate,
+    fit,
+)
+from jaxlearn.plots import plot_history
+from jaxlearn.state import TrainState
+from jaxlearn.steps import make_eval_step, make_train_step
+
+
+def _params(state):
+    return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_fit_history_and_eval_on_held_out_data(tmp_path):
+    state, loader, step = make_run()
+    images, labels = tiny_data(40, seed=1)
+    eval_data = ArrayLoader(images, labels, 16, train=False)
+    eval_step = make_eval_step()
+    before = evaluate(state, eval_data, eval_step)
+    state, history = fit(
+        state, loader, train_step=step, epochs=3, eval_data=eval_data, eval_step=eval_step,
+        progress=True,
+    )  # fmt: skip
+    assert int(state.step) == 12
+    np.testing.assert_array_equal(history["step"], np.arange(12))
+    assert history["loss"].shape == history["lr"].shape == history["accuracy"].shape == (12,)
+    np.testing.assert_allclose(
+        history["lr"], [optax.cosine_decay_schedule(0.05, 40)(i) for i in range(12)]
+    )
+    np.testing.assert_array_equal(history["epoch"], [0, 1, 2])
+    np.testing.assert_allclose(
+        history["train_loss"], history["loss"].reshape(3, 4).mean(1), rtol=1e-6
+    )
+    assert history["eval_accuracy"].shape == (3,) and np.all(np.diff(history["time"]) > 0)
+    after = evaluate(state, eval_data, eval_step)
+    assert history["eval_accuracy"][-1] == pytest.approx(after["accuracy"])
+    assert after["loss"] < before["loss"]
+    fig = plot_history(history, tmp_path / "history.png")
+    assert (tmp_path / "history.png").stat().st_size > 0
+    np.testing.assert_array_equal(fig.axes[2].lines[0].get_ydata(), history["lr"])
+
+
+def test_plot_history_rejects_other_dicts():
+    with pytest.raises(ValueError, match="history lacks"):
+        plot_history({"loss": [1.0]})
+
+
+def test_fit_continues_exactly_from_a_returned_state():
+    state, loader, step = make_run()
+    straight, h1 = fit(state, loader, train_step=step, steps=7, progress=False)
+    state, loader, step = make_run()
+    half, h = fit(state, loader, train_step=step, steps=3, progress=False)
+    assert len(h["epoch"]) == 0  # stopped mid-epoch: no epoch record
+    resumed, h2 = fit(half, loader, train_step=step, steps=7, history=h, progress=False)
+    for a, b in zip(_params(straight), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(h1["loss"], h2["loss"])
+    np.testing.assert_array_equal(h1["train_loss"], h2["train_loss"])
+
+
+def test_stop_at_metric_and_capture_params():
+    state, loader, step = make_run()
+    stop = StopAtMetric("train_accuracy", 0.0)
+    capture = CaptureParams(at_steps=[2, 3])
+    state, history = fit(
+        state, loader, train_step=step, epochs=5, callbacks=[capture, stop], progress=False
+    )
+    assert stop.reached_epoch == 0 and len(history["epoch"]) == 1 and int(state.step) == 4
+    assert len(capture.snapshots) == 2
+    assert isinstance(capture.snapshots[0]["params"]["Dense_0"]["kernel"], np.ndarray)
+    state, loader, step = make_run()
+    at3, _ = fit(state, loader, train_step=step, steps=3, progress=False)
+    for a, b in zip(_params(at3), jax.tree.leaves(capture.snapshots[1]["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="eval_accuracy"):
+        state, loader, step = make_run()
+        fit(state, loader, train_step=step, epochs=1, callbacks=[StopAtMetric("eval_accuracy", 1)],
+            progress=False)  # fmt: skip
+
+
+class _PoisonedLoader:
+    """Four good batches per epoch, then images full of NaN from step `bad` on."""
+
+    def __init__(self, bad):
+        images, labels = tiny_data()
+        self.inner, self.bad = ArrayLoader(images.astype(np.float32), labels, 16), bad
+        self.mesh = self.inner.mesh
+
+    def __len__(self):
+        return len(self.inner)
+
+    def epoch(self, epoch, start_step=0):
+        for i, batch in enumerate(self.inner.epoch(epoch, start_step), start_step):
+            if epoch * len(self) + i >= self.bad:
+                batch = {**batch, "image": batch["image"] * np.nan}
+            yield batch
+
+
+def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
+    images, _ = tiny_data()
+    state = TrainState.create(TinyNet(), optax.sgd(0.01), jax.random.key(0), images[:1])
+    ckpt = Checkpointer(tmp_path, max_to_keep=2)
+    with pytest.raises(NonFiniteLossError, match=r"step 5.*last good checkpoint: step 5"):
+        fit(state, _PoisonedLoader(bad=5), train_step=make_train_step(), epochs=3,
+            callbacks=[Checkpoint(ckpt, every_steps=1)], progress=False)  # fmt: skip
+    assert ckpt.all_steps() == [4, 5]
+    restored = ckpt.restore(
+        TrainState.create(TinyNet(), optax.sgd(0.01), jax.random.key(0), images[:1])
+    )
+    assert all(np.isfinite(x).all() for x in _params(restored["state"]))
+
+
+def test_bad_batches_and_labels_fail_before_training():
+    images, labels = tiny_data()
+    state = TrainState.create(TinyNet(), optax.sgd(0.01), jax.random.key(0), images[:1])
+    gray = ArrayLoader(images[..., :1], labels, 16)  # 1 channel into a 3-channel conv
+    with pytest.raises(ValueError, match="does not fit the model"):
+        fit(state, gray, train_step=make_train_step(), steps=2, progress=False)
+    assert int(state.step) == 0  # failed before any step (nothing donated)
+    out_of_range = ArrayLoader(images, labels + 1, 16)  # class 3 of a 3-class model
+    with pytest.raises(ValueError, match="labels outside"):
+        fit(state, out_of_range, train_step=make_train_step(), steps=2, progress=False)
+    state, loader, step = make_run()
+    with pytest.raises(ValueError, match="eval_step"):
+        fit(state, loader, train_step=step, epochs=1, eval_data=loader)
+    with pytest.raises(ValueError, match="epochs or steps"):
+        fit(state, loader, train_step=step)

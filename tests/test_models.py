@@ -1,0 +1,159 @@
+"""Models: parameter counts against the published figures, shapes, dtypes, BatchNorm
+conventions, option-A shortcuts, dropout, the registry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from model_init import numpy_variables
+
+from jaxlearn.models import MODELS, BasicBlock, CifarResNet, SimpleCNN, get_model
+
+
+def count(tree):
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def shapes(model, x):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+
+
+# torchvision's published `num_params` of the ImageNet models.
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+def test_torchvision_resnet_parameter_counts(name):
+    variables = shapes(get_model(name, 1000), jnp.zeros((1, 64, 64, 3)))
+    assert count(variables["params"]) == TORCHVISION_PARAMS[name]
+
+
+def test_cifar_resnet_parameter_counts():
+    variables = shapes(get_model("resnet20", 10), jnp.zeros((1, 32, 32, 3)))
+    # The paper's "0.27M" with option A; option-B projections would add 2,752 (272,474).
+    assert count(variables["params"]) == 269_722
+    assert not any("downsample" in str(p) for p in jax.tree_util.tree_leaves_with_path(variables))
+    assert (
+        count(shapes(get_model("resnet110", 10), jnp.zeros((1, 32, 32, 3)))["params"]) == 1_727_962
+    )
+    mlp = shapes(get_model("mlp", 10), jnp.zeros((1, 28, 28, 1)))  # 784-20-10
+    assert count(mlp["params"]) == 784 * 20 + 20 + 20 * 10 + 10
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "features"),
+    [
+        ("resnet18", 64, 512),
+        ("resnet50", 64, 2048),
+        ("resnet20", 32, 64),
+        ("cnn_small", 64, 256),
+        ("cnn_medium", 224, 512),
+        ("cnn_large", 96, 512),
+    ],
+)
+def test_registry_models_give_logits_and_features(name, size, features):
+    model = get_model(name, num_classes=7)
+    x = jnp.zeros((2, size, size, 3))
+    variables = shapes(model, x)
+    assert set(variables) == {"params", "batch_stats"}
+    logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    feats = jax.eval_shape(lambda v: model.apply(v, x, train=False, features_only=True), variables)
+    assert feats.shape == (2, features)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    variables = numpy_variables(CifarResNet(depth=8, num_classes=4), x)
+    bf16 = CifarResNet(depth=8, num_classes=4, dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes(bf16, x)))
+    out = bf16.apply(variables, x, train=False)
+    assert out.dtype == jnp.float32
+    want = CifarResNet(depth=8, num_classes=4).apply(variables, x, train=False)
+    np.testing.assert_allclose(out, want, atol=0.05 * float(np.abs(want).max()))
+    assert not np.array_equal(out, want)  # bf16 really was used
+
+
+def test_batchnorm_is_torch_momentum_0_1_and_eps_1e_5():
+    model = SimpleCNN(widths=(4,), num_classes=2)
+    x = np.random.default_rng(0).random((3, 8, 8, 3), dtype=np.float32)
+    variables = numpy_variables(model, x)
+    _, state = model.apply(
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=True,
+    )
+    conv_out = np.asarray(state["intermediates"]["stage1_conv1"]["__call__"][0])
+    stats = state["batch_stats"]["stage1_bn1"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * conv_out.mean((0, 1, 2)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * conv_out.var((0, 1, 2)), rtol=1e-5)
+    variables["batch_stats"]["stage1_bn1"]["var"] = np.full(4, 1e-5, np.float32)
+    _, state = model.apply(
+        variables, x, train=False, mutable=["intermediates"], capture_intermediates=True
+    )
+    bn_out = np.asarray(state["intermediates"]["stage1_bn1"]["__call__"][0])
+    np.testing.assert_allclose(
+        bn_out, conv_out / np.sqrt(2e-5), rtol=1e-4
+    )  # (x - 0) / sqrt(var + eps)
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads_channels():
+    block = BasicBlock(planes=8, stride=2, shortcut="pad")
+    x = np.random.default_rng(0).random((1, 4, 4, 4), dtype=np.float32)
+    variables = numpy_variables(block, x)
+    assert "downsample_0" not in variables["params"]
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, v: np.zeros_like(v) if p[-1].key == "kernel" else v, variables
+    )  # residual branch 0: the output is relu(shortcut)
+    out = np.asarray(block.apply(variables, x, train=False))
+    assert out.shape == (1, 2, 2, 8)
+    np.testing.assert_array_equal(out[..., 2:6], x[:, ::2, ::2, :])
+    np.testing.assert_array_equal(out[..., [0, 1, 6, 7]], 0.0)
+
+
+def test_zero_init_residual_zeroes_the_last_batchnorm_scale():
+    x = jnp.zeros((1, 4, 4, 4))
+    variables = BasicBlock(planes=4, zero_init_residual=True).init(
+        jax.random.key(0), x, train=False
+    )
+    np.testing.assert_array_equal(variables["params"]["bn2"]["scale"], 0.0)
+    np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], 1.0)
+
+
+def test_dropout_draws_from_the_dropout_stream_only_in_training():
+    model = SimpleCNN(widths=(4,), num_classes=2, dropout=0.5)
+    x = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)
+    variables = numpy_variables(model, x)
+
+    def train(seed):
+        rngs = {"dropout": jax.random.key(seed)}
+        return model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])[0]
+
+    assert not np.array_equal(train(0), train(1))
+    np.testing.assert_array_equal(train(0), train(0))
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_mlp_flattens_its_input():
+    model = get_model("mlp", 10, features=(20,))
+    x = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    variables = numpy_variables(model, x)
+    np.testing.assert_array_equal(
+        model.apply(variables, x), model.apply(variables, x.reshape(2, 784))
+    )
+
+
+def test_bad_names_and_depths_are_errors():
+    with pytest.raises(ValueError, match="name must be one of"):
+        get_model("resnet19", 10)
+    with pytest.raises(ValueError, match="depth must be 6n"):
+        CifarResNet(depth=21)
+    assert {"resnet18", "resnet50", "resnet20", "resnet110", "cnn_small", "mlp"} <= set(MODELS)

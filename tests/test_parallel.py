@@ -1,0 +1,84 @@
+"""Data parallelism: 8 fake CPU devices and 2 processes give the numbers of 1 device."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from core_worker import steps_run
+
+WORKER = Path(__file__).with_name("core_worker.py")
+
+
+def _env(devices: int) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    )
+    return env
+
+
+def _assert_close(one, many):
+    assert sorted(one.files) == sorted(many.files)
+    np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    for key in one.files:
+        if key.startswith("v"):  # params and batch_stats
+            np.testing.assert_allclose(many[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    if len(jax.devices()) != 1:
+        pytest.skip(f"the reference run needs 1 device, this process has {len(jax.devices())}")
+    out = tmp_path_factory.mktemp("one") / "one.npz"
+    steps_run(str(out))
+    return np.load(out)
+
+
+def test_eight_devices_match_one(one_device, tmp_path):
+    out = tmp_path / "eight.npz"
+    subprocess.run(
+        [sys.executable, str(WORKER), "steps", str(out)], env=_env(8), check=True, timeout=300
+    )
+    eight = np.load(out)
+    assert int(eight["num_devices"]) == 8
+    assert "multiple of the number of devices (8)" in str(eight["indivisible"])
+    _assert_close(one_device, eight)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(one_device, tmp_path):
+    port, out = _free_port(), tmp_path / "two.npz"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "distributed", str(out), str(port), "2", str(pid)],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            logs.append(p.communicate()[0])
+    if any(p.returncode for p in procs):
+        error = next(log for p, log in zip(procs, logs, strict=True) if p.returncode)
+        lines = [line for line in error.splitlines() if line.strip()]
+        pytest.skip(f"two-process jax.distributed on CPU failed here: {' | '.join(lines[-3:])}")
+    two = np.load(out)
+    assert int(two["num_devices"]) == 2
+    _assert_close(one_device, two)

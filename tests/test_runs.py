@@ -1,0 +1,50 @@
+"""Run records: results.json content and the data-folder precedence."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from jaxlearn.runs import data_root, write_results
+
+
+def test_write_results_records_everything(tmp_path):
+    started = time.time() - 2.0
+    path = write_results(
+        tmp_path / "run",
+        config={"quick": True, "data": tmp_path},
+        metrics={"acc": np.float32(0.5), "curve": np.arange(3), "bad": float("nan")},
+        seeds=[0, 1],
+        started=started,
+    )
+    record = json.loads(path.read_text())
+    assert record["config"] == {"quick": True, "data": str(tmp_path)}
+    assert record["metrics"]["acc"] == 0.5
+    assert record["metrics"]["curve"] == [0, 1, 2]
+    assert record["metrics"]["bad"] == "nan"
+    assert record["seeds"] == [0, 1]
+    assert record["wall_time_s"] >= 2.0
+    env = record["environment"]
+    assert env["versions"]["jax"] and env["devices"] and env["cpu_count"]
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    monkeypatch.setenv("JAXLEARN_DATA", str(b))
+    assert data_root(a) == a
+    assert data_root() == b
+    monkeypatch.setenv("JAXLEARN_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"missing.*JAXLEARN_DATA"):
+        data_root()
+
+
+def test_experiment_parser_shared_flags():
+    from jaxlearn.runs import experiment_parser
+
+    parser = experiment_parser("x", default_out="runs/x")
+    args = parser.parse_args(["--quick", "--seeds", "3"])
+    assert args.quick and args.seeds == 3 and args.out == "runs/x" and args.data is None
