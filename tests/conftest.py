@@ -11,8 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Property tests compile JAX functions: the first example is slow, so no deadline.
+# On CI (CI=true) the examples are derandomized, so a red run replays the same way.
 settings.register_profile(
-    "jaxlearn", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+    "jaxlearn",
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=os.environ.get("CI") == "true",
 )
 settings.load_profile("jaxlearn")
 

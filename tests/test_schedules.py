@@ -116,7 +116,15 @@ def test_sgdr_stays_between_min_and_peak(cfg):
 def test_sgdr_first_step_of_each_cycle_is_its_peak(cfg):
     v = values(S.sgdr(**cfg))
     for i, start, _ in cycles_within(cfg):
-        np.testing.assert_allclose(v[start], cycle_peak(cfg, i), rtol=RTOL, err_msg=f"cycle {i}")
+        # decay**i in float32 drifts by ~i ulps, so far-down peaks (1e-27 at i = 51) also get
+        # an absolute tolerance tied to the schedule's scale.
+        np.testing.assert_allclose(
+            v[start],
+            cycle_peak(cfg, i),
+            rtol=RTOL,
+            atol=RTOL * 1e-3 * cfg["peak_lr"],
+            err_msg=f"cycle {i}",
+        )
 
 
 @given(sgdr_configs())
