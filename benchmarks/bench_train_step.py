@@ -1,15 +1,21 @@
 """Train-step throughput: jaxlearn's jitted step against PyTorch (CPU) on the same model.
 
-Side by side in one run (these machines are shared, so the ratio means more
-than either number): CIFAR ResNet-18 (3x3 stem, no max-pool, option-B
-shortcuts, 11.2M params) and ResNet-20 (option-A shortcuts, 0.27M params), batch
-128, 32x32x3, fp32, SGD momentum 0.9 with L2 weight decay 5e-4. Compilation is
-timed separately; then `--warmup` steps, then the median of `--steps` timed
-steps, each blocked on (`jax.block_until_ready`). Writes JSON with machine info.
+CIFAR ResNet-18 (3x3 stem, no max-pool, option-B shortcuts, 11.2M params) and
+ResNet-20 (option-A shortcuts, 0.27M params), batch 128, 32x32x3, fp32, SGD
+momentum 0.9 with L2 weight decay 5e-4, for several XLA CPU flag sets
+(`VARIANTS`). XLA reads XLA_FLAGS once, when jax starts, so each (model,
+variant) runs in its own subprocess. These machines are shared and loaded, so
+inside that subprocess the JAX step and the PyTorch channels_last step
+alternate (jax, torch, jax, torch, ...): both see the same load and their ratio
+is fair even when the absolute numbers are not. Compilation is timed
+separately; then `--warmup` steps of each, then the medians of `--steps` timed
+steps, each blocked on (`jax.block_until_ready`). The first and last losses
+are recorded so a flag that changes the numerics shows up. XLA_FLAGS from the
+environment are prepended to every variant's flags. Writes one JSON.
 
-    python benchmarks/bench_train_step.py            # full: batch 128, 20 timed steps
-    python benchmarks/bench_train_step.py --quick    # smoke run: batch 16, 2 steps
-    XLA_FLAGS=... python benchmarks/bench_train_step.py --tag flags-x   # try XLA flags
+    python benchmarks/bench_train_step.py                      # every variant, both models
+    python benchmarks/bench_train_step.py --quick              # smoke run: batch 16, 2 steps
+    python benchmarks/bench_train_step.py --variants default,ynn_conv --steps 6
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,25 +110,64 @@ class TorchResNet(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+# XLA CPU flag sets to compare, names from jaxlib 0.10.2 (xla/debug_options_flags.cc). Its
+# default already sends convolutions, dots and reductions to YNNPACK (XNNPACK's successor):
+# a dump of the compiled step shows `__ynn_fusion`s, and `-individual_convolution` leaves the
+# fusion types INDIVIDUAL_DOT and REDUCE. Tried and left out: `--xla_cpu_use_onednn=true`
+# (SIGILL while compiling on AMD EPYC Zen 3) and
+# `--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY` (same program).
+VARIANTS = {
+    "default": "",
+    # Convolutions back on XLA's Eigen kernels (the pre-YNNPACK path).
+    "eigen_conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    # Elementwise ops (BatchNorm arithmetic, ReLU) fused into YNNPACK subgraphs too.
+    "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=+eltwise",
+    # Eigen ops on one thread: less synchronisation when the cores are oversubscribed.
+    "eigen_1thread": "--xla_cpu_multi_thread_eigen=false",
+    # LLVM fast math for XLA's own fused kernels (ignores NaN/inf semantics: not a default).
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+}
+
 MODELS = {
     "resnet18_cifar": (CifarResNet18, lambda: TorchResNet((64, 128, 256, 512), 2, "conv")),
     "resnet20": (lambda: CifarResNet(20), lambda: TorchResNet((16, 32, 64), 3, "pad")),
 }
 
 
-def _median_step_time(run_step, warmup, steps):
+def _timed(run_step):
+    t = time.perf_counter()
+    run_step()
+    return time.perf_counter() - t
+
+
+def interleaved_step_times(runners, warmup, steps):
+    """Step times of each runner, the runners alternating step by step.
+
+    Args:
+      runners: name -> zero-argument function that runs one blocking step.
+      warmup: untimed steps of each runner first.
+      steps: timed steps of each runner.
+
+    Returns:
+      name -> list of `steps` wall times in seconds.
+    """
     for _ in range(warmup):
-        run_step()
-    times = []
+        for run_step in runners.values():
+            run_step()
+    times = {name: [] for name in runners}
     for _ in range(steps):
-        t = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+        for name, run_step in runners.items():
+            times[name].append(_timed(run_step))
+    return times
 
 
-def bench_jax(make_model, images, labels, warmup, steps, compute_dtype=None):
-    """Compile time and median step time of jaxlearn's jitted, donating train step."""
+def jax_runner(make_model, images, labels, compute_dtype=None):
+    """jaxlearn's jitted, donating train step, compiled ahead of time.
+
+    Returns:
+      (compile seconds, run_step, losses): `run_step()` takes one step and
+      appends its loss to `losses`.
+    """
     tx = optax.sgd(0.1, momentum=0.9)
     state = TrainState.create(make_model(), tx, jax.random.key(0), images[:1])
     step = make_train_step(learning_rate=0.1, weight_decay=5e-4, compute_dtype=compute_dtype)
@@ -130,18 +177,17 @@ def bench_jax(make_model, images, labels, warmup, steps, compute_dtype=None):
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
-    holder = [state]
+    holder, losses = [state], []
 
     def run_step():
         holder[0], metrics = compiled(holder[0], batch)
-        jax.block_until_ready(metrics)
+        losses.append(float(jax.block_until_ready(metrics)["loss"]))
 
-    median, times = _median_step_time(run_step, warmup, steps)
-    return {"compile_s": compile_s, "step_s": median, "step_times_s": times}
+    return compile_s, run_step, losses
 
 
-def bench_torch(make_model, images, labels, warmup, steps, channels_last):
-    """Median step time of an eager PyTorch step (forward, CE, backward, SGD)."""
+def torch_runner(make_model, images, labels, channels_last):
+    """An eager PyTorch step (forward, CE, backward, SGD momentum + weight decay)."""
     torch.manual_seed(0)
     model = make_model().train()
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
@@ -157,12 +203,73 @@ def bench_torch(make_model, images, labels, warmup, steps, channels_last):
         loss.backward()
         opt.step()
 
-    median, times = _median_step_time(run_step, warmup, steps)
-    return {"step_s": median, "step_times_s": times}
+    return run_step
+
+
+def has_bf16_hardware():
+    """Whether /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (else bf16 matmuls are emulated)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return " avx512_bf16" in text or " amx_bf16" in text
+
+
+def worker(model_name, batch, warmup, steps, with_nchw):
+    """One (model, variant) measurement in this process; XLA_FLAGS were set by the parent."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    make_jax, make_torch = MODELS[model_name]
+    load_start = os.getloadavg()
+    compile_s, jax_step, losses = jax_runner(make_jax, images, labels)
+    runners = {
+        "jax_fp32": jax_step,
+        "torch_channels_last": torch_runner(make_torch, images, labels, True),
+    }
+    if with_nchw:
+        runners["torch_nchw"] = torch_runner(make_torch, images, labels, False)
+    if has_bf16_hardware():
+        runners["jax_bf16"] = jax_runner(make_jax, images, labels, jnp.bfloat16)[1]
+    times = interleaved_step_times(runners, warmup, steps)
+    row = {"compile_s": compile_s, "first_loss": losses[0], "last_loss": losses[-1]}
+    for name, ts in times.items():
+        row[name] = {"step_s": statistics.median(ts), "images_per_s": batch / statistics.median(ts)}
+        row[name]["step_times_s"] = ts
+    row["ratio_jax_over_torch_channels_last"] = (
+        row["jax_fp32"]["images_per_s"] / row["torch_channels_last"]["images_per_s"]
+    )
+    row["load_average"] = {"start": load_start, "end": os.getloadavg()}
+    return row
+
+
+def run_variant(args, model_name, flags, with_nchw):
+    """Run `worker` in a subprocess with `flags` appended to XLA_FLAGS; its result dict."""
+    env = dict(os.environ, XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS"), flags) if f))
+    cmd = [sys.executable, __file__, "--worker", model_name, "--batch", str(args.batch)]
+    cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    cmd += ["--with-nchw"] if with_nchw else []
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall_s = time.perf_counter() - t
+    if proc.returncode:
+        return {"xla_flags": env["XLA_FLAGS"], "error": proc.stderr[-2000:], "wall_s": wall_s}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"xla_flags": env["XLA_FLAGS"], **row, "wall_s": wall_s}
+
+
+def _summary(model_name, variant, row):
+    if "error" in row:
+        return f"{model_name} {variant}: failed: {row['error'][-300:]}"
+    return (
+        f"{model_name} {variant:14s} jax {row['jax_fp32']['images_per_s']:6.1f} img/s "
+        f"(compile {row['compile_s']:5.1f} s) torch channels_last "
+        f"{row['torch_channels_last']['images_per_s']:6.1f} ratio "
+        f"{row['ratio_jax_over_torch_channels_last']:.2f} loss "
+        f"{row['first_loss']:.5f}->{row['last_loss']:.5f} load {row['load_average']['end'][0]:.1f}"
+    )
 
 
 def machine_info():
-    """CPU model, core count, relevant ISA flags, library versions, load average."""
+    """CPU model, core count, relevant ISA flags, library versions."""
     flags = set()
     model = platform.processor()
     if Path("/proc/cpuinfo").exists():
@@ -174,15 +281,14 @@ def machine_info():
     return {
         "cpu": model,
         "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
         "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
-        "load_average_at_start": os.getloadavg(),
         "jax": jax.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "devices": [str(d) for d in jax.devices()],
+        "xla_flags_base": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -190,58 +296,49 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 16, 1 warm-up, 2 timed steps")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--tag", default="default", help="label of this configuration")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
+    parser.add_argument("--tag", default="variants", help="label of this run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--with-nchw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.warmup, args.steps = 16, 1, 2
-    info = machine_info()
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((args.batch, 32, 32, 3)).astype(np.float32)
-    labels = rng.integers(0, 10, args.batch).astype(np.int32)
-    results = {}
-    for name in args.models.split(","):
-        make_jax, make_torch = MODELS[name]
-        row = {"jax_fp32": bench_jax(make_jax, images, labels, args.warmup, args.steps)}
-        if info["avx512_bf16"] or info["amx_bf16"]:
-            row["jax_bf16"] = bench_jax(
-                make_jax, images, labels, args.warmup, args.steps, compute_dtype=jnp.bfloat16
-            )
-        else:
-            row["jax_bf16"] = {"skipped": "CPU has no AVX512-BF16/AMX: bf16 would be emulated"}
-        for layout in ("nchw", "channels_last"):
-            row[f"torch_{layout}"] = bench_torch(
-                make_torch, images, labels, args.warmup, args.steps, layout == "channels_last"
-            )
-        for value in row.values():
-            if "step_s" in value:
-                value["images_per_s"] = args.batch / value["step_s"]
-        best_torch = max(
-            row["torch_nchw"]["images_per_s"], row["torch_channels_last"]["images_per_s"]
+    if args.worker:
+        row = worker(args.worker, args.batch, args.warmup, args.steps, args.with_nchw)
+        print(json.dumps(row))
+        return
+    models, variants = args.models.split(","), args.variants.split(",")
+    unknown = [m for m in models if m not in MODELS] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"unknown --models/--variants {unknown}; known {list(MODELS)}, {list(VARIANTS)}"
         )
-        row["ratio_jax_fp32_over_best_torch"] = row["jax_fp32"]["images_per_s"] / best_torch
-        results[name] = row
-        print(
-            f"{name}: jax {row['jax_fp32']['images_per_s']:.1f} img/s "
-            f"(compile {row['jax_fp32']['compile_s']:.1f} s), torch NCHW "
-            f"{row['torch_nchw']['images_per_s']:.1f}, channels_last "
-            f"{row['torch_channels_last']['images_per_s']:.1f}, "
-            f"ratio {row['ratio_jax_fp32_over_best_torch']:.2f}",
-            flush=True,
-        )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "tag": args.tag,
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": info,
-        "load_average_at_end": os.getloadavg(),
-        "results": results,
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "with_nchw")},
+        "machine": machine_info(),
+        "bf16": "measured"
+        if has_bf16_hardware()
+        else "skipped: no AVX512-BF16/AMX, bf16 is emulated",
+        "load_average_at_start": os.getloadavg(),
+        "results": {},
     }
-    out.write_text(json.dumps(record, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for model_name in models:
+        rows = record["results"][model_name] = {}
+        for i, variant in enumerate(variants):
+            row = rows[variant] = run_variant(args, model_name, VARIANTS[variant], i == 0)
+            print(_summary(model_name, variant, row), flush=True)
+            # Written after every variant, so an interrupted run keeps what it measured.
+            record["load_average_at_end"] = os.getloadavg()
+            record["wall_s"] = time.perf_counter() - t0
+            out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlearn import ensemble, loop, runs
+from jaxlearn import ensemble, loop, plots, runs
 from jaxlearn.data import (
     ArrayLoader,
     ImageArrays,
@@ -142,6 +143,58 @@ def sizes(splits: Splits) -> str:
     return f"{len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test images"
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every mode of a script chooses: data sizes, model and batch size.
+
+    Scripts extend it with their own budget (cycles, epochs, seeds).
+    """
+
+    train: int  # training images after the carve
+    valid: int  # validation images carved from the training split
+    test: int | None  # test images (None: all)
+    model: str  # see `build_model`
+    batch_size: int
+
+
+def prepare(args, setup: Setup):
+    """Load the data, print its sizes and the majority-class baseline, build the recipe.
+
+    Returns:
+      `(splits, baseline, recipe)`; see `load_splits`, `majority_baseline`, `Recipe`.
+    """
+    splits = load_splits(args, train_size=setup.train, valid_size=setup.valid, test_size=setup.test)
+    baseline = majority_baseline(splits)
+    print(f"data: {source(args)}: {sizes(splits)}")
+    print(f"baseline (majority class): valid accuracy {baseline['valid_accuracy']:.4f}, "
+          f"test accuracy {baseline['test_accuracy']:.4f}")  # fmt: skip
+    return splits, baseline, Recipe(splits, setup.model, setup.batch_size)
+
+
+def pick_setup(args, default: tuple[str, Setup], quick: Setup, full: Setup | None = None,
+               **overrides):  # fmt: skip
+    """The mode's setup (`--quick`, `--full` if the script has it, else the default),
+    with the fields that flags override.
+
+    Args:
+      args: parsed flags with `quick` (and `full` when `full` is given).
+      default: (name, setup) of the mode without flags, e.g. ('reduced', REDUCED).
+      quick, full: the setups of `--quick` and `--full`.
+      **overrides: setup field -> flag value; None leaves the field as it is.
+
+    Returns:
+      `(mode name, setup)`.
+    """
+    if getattr(args, "full", False) and args.quick:
+        raise ValueError("--full and --quick exclude each other")
+    mode, setup = default
+    if args.quick:
+        mode, setup = "quick", quick
+    elif getattr(args, "full", False):
+        mode, setup = "full", full
+    return mode, dataclasses.replace(setup, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def majority_baseline(splits: Splits) -> dict:
     """The trivial baseline: always predict the training set's most frequent class."""
     guess = int(np.bincount(splits.train.labels).argmax())
@@ -184,7 +237,12 @@ class Recipe:
         # Random flip + crop of the 4-px zero-padded image (He et al. 2016), on the
         # device inside the train step, on the uint8 batch.
         self.augment = compose(random_flip(), random_crop(4))
-        self.eval_step = make_eval_step(preprocess=preprocess)
+        eval_step = make_eval_step(preprocess=preprocess)
+        # Evaluation needs no optimizer: dropping it from the state lets every schedule
+        # share one compiled eval step (the optimizer is a static part of the state).
+        self.eval_step = lambda state, batch: eval_step(
+            state.replace(tx=_INIT_TX, opt_state=()), batch
+        )
         self.valid = ArrayLoader(splits.valid.images, splits.valid.labels, EVAL_BATCH, train=False)
         self.batch_size = batch_size
         self._compiled: dict[int, tuple] = {}
@@ -205,11 +263,14 @@ class Recipe:
     def state(self, tx: optax.GradientTransformation, seed: int) -> TrainState:
         """A fresh model with optimizer `tx`, initialised from `seed`.
 
-        Jitted: run eagerly, the init compiles each of its ~90 small operations on its
-        own, ~35 s on this loaded CPU against ~3 s for one compiled program.
+        The init is jitted once per model, for every seed and optimizer: run eagerly it
+        compiles each of its ~90 small operations on its own (~35 s on this loaded CPU),
+        and jitted with each optimizer as a static argument it would compile again for
+        every schedule. The optimizer state is then built for `tx`.
         """
         example = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-        return _create(self.model, tx, jax.random.key(seed), example)
+        state = _create(self.model, _INIT_TX, jax.random.key(seed), example)
+        return state.replace(tx=tx, opt_state=tx.init(state.params))
 
     def fit(self, splits: Splits, schedule, seed: int, epochs: int, callbacks=(), **kwargs):
         """Train a fresh model with SGD on `schedule` for `epochs` epochs (validating each).
@@ -243,7 +304,36 @@ class Recipe:
         )
 
 
+def train_snapshots(recipe: Recipe, splits: Splits, schedule, seed: int, epochs: int):
+    """Train with a snapshot at the end of each of the schedule's cycles, and score them.
+
+    The schedule says where its cycles end (`ensemble.snapshot_steps`), so the capture
+    lands on the bottom of each cosine; a one-cycle schedule yields just the final model.
+
+    Returns:
+      `(record, history)`: record holds the seed, the validation and test accuracy of
+      each snapshot ('members') and of the first-k ensembles ('ensemble'), and the
+      training time; history is `fit`'s.
+    """
+    capture = loop.CaptureParams(ensemble.snapshot_steps(schedule))
+    _, history = recipe.fit(splits, schedule, seed, epochs, callbacks=[capture])
+    record = {"seed": seed, "train_time_s": float(history["time"][-1])}
+    for name in ("valid", "test"):
+        curve = recipe.accuracy(capture.snapshots, getattr(splits, name))
+        record[name] = {"ensemble": curve.ensemble, "members": curve.members}
+    return record, history
+
+
+def mean_curve(records: Sequence[dict], split: str = "test") -> ensemble.EnsembleCurve:
+    """The seed-mean of `train_snapshots` curves, for `plots.plot_ensemble_curve`."""
+    return ensemble.EnsembleCurve(
+        np.mean([r[split]["ensemble"] for r in records], axis=0),
+        np.mean([r[split]["members"] for r in records], axis=0),
+    )
+
+
 _create = jax.jit(TrainState.create, static_argnums=(0, 1))
+_INIT_TX = optax.identity()  # a fixed optimizer for `_create`; `Recipe.state` swaps in the real one
 
 
 def variables(state: TrainState) -> dict:
@@ -268,6 +358,16 @@ class KeepBest(loop.Callback):
             self.best_accuracy = float(history["eval_accuracy"][-1])
             self.best_epoch = int(history["epoch"][-1])
             self.best = variables(state)
+
+
+def plot_schedules(schedules: dict, num_steps: int, path) -> None:
+    """The learning rate of several named schedules on one figure, saved as a PNG."""
+    ax = None
+    for name, schedule in schedules.items():
+        ax = plots.plot_schedule(schedule, num_steps, ax=ax, label=name).axes[0]
+    ax.set_ylabel("learning rate")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ax.figure.savefig(path, dpi=120)
 
 
 def mean_std(values: Sequence[float]) -> dict:

@@ -24,40 +24,37 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared recipe beside this file
 
 import cifar
 
-from jaxlearn import ensemble, loop, plots, runs
+from jaxlearn import ensemble, plots, runs
 from jaxlearn.lr_finder import lr_find
 from jaxlearn.schedules import sgdr
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
+class Budget(cifar.Setup):
     """How much data and compute a mode spends."""
 
-    train: int
-    valid: int
-    test: int | None
     finder_steps: int
-    model: str
-    batch_size: int
     cycles: int
 
 
-# Default: ~10k training images seen (4 one-epoch cycles of 2,500 images) by a ResNet-8
+# Default: 8k training images seen (4 one-epoch cycles of 2,000 images) by a ResNet-8
 # (78k parameters), which trains at ~40-50 images/s on this 2-core CPU: ~5 minutes.
 # A 1-epoch cycle restarts as often as Radek's fastest arm; 4 cycles give 4 snapshots.
 DEFAULT = Budget(
-    train=2500, valid=1000, test=None, finder_steps=60, model="resnet8", batch_size=64, cycles=4
+    train=2000, valid=1000, test=None, finder_steps=60, model="resnet8", batch_size=64, cycles=4
 )
 QUICK = Budget(
-    train=256, valid=128, test=256, finder_steps=20, model="resnet8", batch_size=32, cycles=2
+    train=256, valid=256, test=256, finder_steps=20, model="resnet8", batch_size=32, cycles=2
 )
-FINDER_RANGE = (1e-4, 10.0)  # 5 decades: the loss is flat at 1e-4 and explodes before 10
+FINDER_RANGE = (1e-3, 10.0)  # 4 decades: the loss is flat at 1e-3 and explodes before 10
+# fast.ai smooths with beta 0.98, a ~50-step memory: over a 60-step sweep the smoothed
+# curve lags by a decade and 'valley' lands 10x too low (0.013 here, where the raw loss
+# bottoms out near 0.3). beta 0.9 remembers ~10 steps.
+FINDER_BETA = 0.9
 
 
 def parse(argv):
@@ -75,23 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the quickstart; return the metrics written to results.json."""
     args = parse(argv)
     started = time.time()
-    budget = QUICK if args.quick else DEFAULT
-    model = args.model or budget.model
-    batch_size = args.batch_size or budget.batch_size
-    cycles = args.cycles or budget.cycles
+    mode, budget = cifar.pick_setup(
+        args, ("default", DEFAULT), QUICK, model=args.model, batch_size=args.batch_size,
+        cycles=args.cycles,
+    )  # fmt: skip
+    cycles = budget.cycles
     seeds = list(range(args.seeds or 1))
     out = Path(args.out)
 
     # --- data: a validation set carved from train; the test split is scored once, at the end.
-    splits = cifar.load_splits(
-        args, train_size=budget.train, valid_size=budget.valid, test_size=budget.test
-    )
-    baseline = cifar.majority_baseline(splits)
-    print(f"data: {cifar.source(args)}: {cifar.sizes(splits)}")
-    print(f"baseline (majority class): test accuracy {baseline['test_accuracy']:.4f}")
-    recipe = cifar.Recipe(splits, model, batch_size)
+    splits, baseline, recipe = cifar.prepare(args, budget)
 
-    # --- 1. LR range test: one step per LR, 1e-4 .. 10, on a throwaway copy of the model.
+    # --- 1. LR range test: one step per LR, 1e-3 .. 10, on a throwaway copy of the model.
     finder = lr_find(
         recipe.state(cifar.sgd(0.0), seed=0),
         recipe.train_step(),
@@ -100,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         start_lr=FINDER_RANGE[0],
         end_lr=FINDER_RANGE[1],
         num_steps=budget.finder_steps,
+        beta=FINDER_BETA,
     )
     valley = finder.suggestions["valley"]
     # Radek's max LR for ResNet-20 is 0.1: the fallback when the curve cannot be read.
@@ -115,30 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_seed = []
     for seed in seeds:
-        capture = loop.CaptureParams(ensemble.snapshot_steps(schedule))
-        _, history = recipe.fit(
-            splits, schedule, seed, epochs=cycles * args.cycle_epochs, callbacks=[capture]
+        # --- 3. the snapshot ensemble against the final model (= the last snapshot).
+        record, history = cifar.train_snapshots(
+            recipe, splits, schedule, seed, epochs=cycles * args.cycle_epochs
         )
         if seed == seeds[0]:
             plots.plot_history(history, path=out / "history.png")
-        # --- 3. the snapshot ensemble against the final model (= the last snapshot).
-        valid = recipe.accuracy(capture.snapshots, splits.valid)
-        test = recipe.accuracy(capture.snapshots, splits.test)
-        per_seed.append(
-            {
-                "seed": seed,
-                "valid": {"ensemble": valid.ensemble, "members": valid.members},
-                "test": {"ensemble": test.ensemble, "members": test.members},
-                "train_time_s": float(history["time"][-1]),
-            }
-        )
-        print(f"seed {seed}: test single {test.members[-1]:.4f}, ensemble {test.ensemble[-1]:.4f}")
-
-    mean_curve = ensemble.EnsembleCurve(
-        np.mean([r["test"]["ensemble"] for r in per_seed], axis=0),
-        np.mean([r["test"]["members"] for r in per_seed], axis=0),
-    )
-    plots.plot_ensemble_curve(mean_curve, path=out / "ensemble.png")
+        test = record["test"]
+        print(f"seed {seed}: test single {test['members'][-1]:.4f}, "
+              f"ensemble {test['ensemble'][-1]:.4f}")  # fmt: skip
+        per_seed.append(record)
+    plots.plot_ensemble_curve(cifar.mean_curve(per_seed), path=out / "ensemble.png")
 
     summary = {
         split: {
@@ -161,9 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = {
         "data": cifar.source(args),
         "sizes": splits.describe(),
-        "quick": args.quick,
-        "model": model,
-        "batch_size": batch_size,
+        "mode": mode,
+        **dataclasses.asdict(budget),
         "schedule": f"sgdr(peak_lr={peak_lr:.4g}, cycle_steps={schedule.cycle_steps}, "
         f"num_cycles={cycles})",
         "cycle_epochs": args.cycle_epochs,
@@ -171,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "snapshot_steps": ensemble.snapshot_steps(schedule),
         "optimizer": f"sgd momentum {cifar.MOMENTUM}, L2 weight decay {cifar.WEIGHT_DECAY}",
         "augment": "random flip + 4-px zero-pad random crop",
-        "lr_finder": {"range": FINDER_RANGE, "steps": budget.finder_steps},
+        "lr_finder": {"range": FINDER_RANGE, "steps": budget.finder_steps, "beta": FINDER_BETA},
     }
     path = runs.write_results(out, config=config, metrics=metrics, seeds=seeds, started=started)
     print(f"wrote {path} and figures in {out} ({time.time() - started:.0f} s)")

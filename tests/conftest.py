@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 # Property tests compile JAX functions: the first example is slow, so no deadline.
 # On CI (CI=true) the examples are derandomized, so a red run replays the same way.

@@ -1,0 +1,139 @@
+"""Smoke tests of experiments/imagenette.py and experiments/cats_dogs_transfer.py on tiny folders.
+
+The folders are written here: reddish class-0 and bluish class-1 images, so colour alone
+separates the classes and even a briefly trained head must beat chance.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxlearn.models import get_model
+from jaxlearn.pretrained import load_variables, save_variables
+
+_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(_EXPERIMENTS))  # cats_dogs_transfer imports its siblings
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Flax modules defined in the script look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+imagenette = _load("imagenette")
+transfer = _load("cats_dogs_transfer")
+
+
+def _folder(root, names, per_class, seed):
+    """One sub-folder per name of 40x36 PNGs; class 0 reddish, class 1 bluish."""
+    rng = np.random.default_rng(seed)
+    for name, channel in zip(names, (0, 2), strict=True):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, (36, 40, 3)).astype(np.uint8)
+            pixels[..., channel] += 120
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "data" / "cats_and_dogs" / "train", ("cats", "dogs"), 20, seed=0)
+    _folder(tmp_path / "held" / "validation", ("cats", "dogs"), 6, seed=1)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def imagenette_weights(tmp_path_factory):
+    """Random 10-class resnet18 variables in the converted-weights format (experiment 6's)."""
+    model = get_model("resnet18", 10)
+    variables = jax.jit(model.init)(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
+    return save_variables(tmp_path_factory.mktemp("w") / "imagenette.msgpack", variables)
+
+
+def test_imagenette_quick_trains_reports_and_saves_loadable_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data" / "imagenette_128"
+    _folder(root / "train", ("n01440764", "n02102040"), 24, seed=0)
+    _folder(root / "val", ("n01440764", "n02102040"), 5, seed=1)
+    out, weights = tmp_path / "out", tmp_path / "elsewhere" / "w.msgpack"
+    argv = ["--quick", "--data", str(tmp_path / "data"), "--out", str(out),
+            "--weights-out", str(weights), "--batch-size", "8"]  # fmt: skip
+    imagenette.main(argv)
+    record = json.loads((out / "results.json").read_text())
+    metrics = record["metrics"]
+    # 5% of 48 carved (stratified: 1 + 1 rounded up to 2), all 10 val images reported.
+    assert metrics["sizes"] == {"train": 46, "valid": 2, "val": 10}
+    assert metrics["majority_class_val_accuracy"] == 0.5
+    assert len(metrics["per_seed"]) == record["config"]["seeds"] == 1
+    assert 0 <= metrics["val_accuracy_mean"] <= 1
+    assert metrics["weights_path"] == str(weights) and not (out / imagenette.WEIGHTS_NAME).exists()
+    # The saved file loads into the 2-class model it was trained as (shapes checked).
+    variables = load_variables(weights, get_model("resnet18", 2), input_shape=(1, 32, 32, 3))
+    assert variables["params"]["fc"]["kernel"].shape == (512, 2)
+    assert (out / "history_seed0.png").stat().st_size > 1000
+
+
+def test_few_shot_heads_on_pretrained_and_random_features(data, imagenette_weights):
+    out = data / "out"
+    argv = ["--quick", "--data", str(data / "data"), "--out", str(out), "--parts", "a",
+            "--imagenette-weights", str(imagenette_weights), "--draws", "5", "--n-train", "24",
+            "--eval-dir", str(data / "held" / "validation")]  # fmt: skip
+    metrics = transfer.main(argv)
+    record = json.loads((out / "results.json").read_text())
+    assert record["metrics"]["reported_on"] == "eval_dir" and metrics["report_size"] == 12
+    assert record["config"]["source"] == "imagenette" and "fine_tune_650" not in metrics
+    for arm in ("imagenette", "scratch"):
+        dist = metrics["few_shot"][arm]
+        values = np.asarray(dist["values"])
+        assert values.shape == (5,) and dist["n"] == 5
+        assert dist["min"] <= dist["q1"] <= dist["median"] <= dist["q3"] <= dist["max"]
+        assert dist["median"] == pytest.approx(np.median(values))
+        # Accuracies on 12 images are multiples of 1/12.
+        np.testing.assert_allclose(values * 12, np.round(values * 12), atol=1e-6)
+        # Colour separates the classes: 6 images must teach a head more than chance.
+        assert dist["median"] > 0.6
+    assert (out / "few_shot.png").stat().st_size > 1000
+
+
+def test_draws_are_balanced_and_differ():
+    labels = np.repeat([0, 1], 20)
+    idx = transfer.draw_indices(labels, 4)
+    assert idx.shape == (4, transfer.SHOTS)
+    assert all(np.bincount(labels[row], minlength=2).tolist() == [3, 3] for row in idx)
+    assert len({tuple(row) for row in idx}) == 4
+
+
+def test_fine_tune_and_scratch_arms_report_on_the_same_set(data, imagenette_weights):
+    out = data / "out"
+    argv = ["--quick", "--data", str(data / "data"), "--out", str(out), "--parts", "b",
+            "--imagenette-weights", str(imagenette_weights), "--n-train", "16"]  # fmt: skip
+    metrics = transfer.main(argv)
+    assert metrics["reported_on"] == "valid" and metrics["report_size"] == 24
+    assert set(metrics["fine_tune_650"]) == {"fine_tune", "scratch"}
+    for row in metrics["fine_tune_650"].values():
+        assert len(row["values"]) == transfer.QUICK["seeds"]
+        assert all(0 <= v <= 1 for v in row["values"])
+    assert (out / "history_fine_tune.png").stat().st_size > 1000
+
+
+def test_missing_imagenette_weights_say_how_to_make_them(data):
+    with pytest.raises(FileNotFoundError, match=r"imagenette\.py"):
+        transfer.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"),
+                       "--imagenette-weights", str(data / "nowhere.msgpack")])  # fmt: skip
+
+
+def test_weights_of_another_architecture_are_rejected(data, imagenette_weights):
+    with pytest.raises(ValueError, match="does not fit"):
+        transfer.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"),
+                       "--imagenette-weights", str(imagenette_weights),
+                       "--model", "resnet34"])  # fmt: skip
