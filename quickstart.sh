@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
 ensure_venv .venv ""
-exec .venv/bin/python experiments/schedules_demo.py "$@"
+exec .venv/bin/python experiments/quickstart.py "$@"

@@ -206,6 +206,12 @@ def torch_runner(make_model, images, labels, channels_last):
     return run_step
 
 
+def _bf16_note():
+    if has_bf16_hardware():
+        return "measured: jax_bf16 rows (bf16 compute, f32 params)"
+    return "skipped: no AVX512-BF16/AMX on this CPU, bf16 matmuls would be emulated"
+
+
 def has_bf16_hardware():
     """Whether /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (else bf16 matmuls are emulated)."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -302,6 +308,9 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
     parser.add_argument("--tag", default="variants", help="label of this run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument(
+        "--merge", action="store_true", help="add to the results already in --out (same machine)"
+    )
     parser.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--with-nchw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -317,27 +326,27 @@ def main():
         raise ValueError(
             f"unknown --models/--variants {unknown}; known {list(MODELS)}, {list(VARIANTS)}"
         )
-    record = {
+    out = Path(args.out)
+    run = {
         "tag": args.tag,
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "with_nchw")},
-        "machine": machine_info(),
-        "bf16": "measured"
-        if has_bf16_hardware()
-        else "skipped: no AVX512-BF16/AMX, bf16 is emulated",
         "load_average_at_start": os.getloadavg(),
-        "results": {},
     }
-    out = Path(args.out)
+    record = {"machine": machine_info(), "bf16": _bf16_note(), "runs": [], "results": {}}
+    if args.merge and out.exists():
+        record = json.loads(out.read_text())
+    record["runs"].append(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for model_name in models:
-        rows = record["results"][model_name] = {}
+        rows = record["results"].setdefault(model_name, {})
         for i, variant in enumerate(variants):
-            row = rows[variant] = run_variant(args, model_name, VARIANTS[variant], i == 0)
+            row = run_variant(args, model_name, VARIANTS[variant], i == 0)
+            rows[variant] = {"run": len(record["runs"]) - 1, **row}
             print(_summary(model_name, variant, row), flush=True)
             # Written after every variant, so an interrupted run keeps what it measured.
-            record["load_average_at_end"] = os.getloadavg()
-            record["wall_s"] = time.perf_counter() - t0
+            run["load_average_at_end"] = os.getloadavg()
+            run["wall_s"] = time.perf_counter() - t0
             out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 

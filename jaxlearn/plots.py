@@ -271,6 +271,9 @@ def plot_metric_curves(
             ax.plot(epochs, values, "o-", color=f"C{i}", alpha=0.6, markersize=3, label=label)
     if threshold is not None:
         ax.axhline(threshold, color="0.4", linestyle="--", label=f"threshold {threshold:g}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
