@@ -15,7 +15,7 @@ environment are prepended to every variant's flags. Writes one JSON.
 
     python benchmarks/bench_train_step.py                      # every variant, both models
     python benchmarks/bench_train_step.py --quick              # smoke run: batch 16, 2 steps
-    python benchmarks/bench_train_step.py --variants default,ynn_conv --steps 6
+    python benchmarks/bench_train_step.py --variants default,eigen_conv --steps 6
 """
 
 from __future__ import annotations
