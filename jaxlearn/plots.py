@@ -21,11 +21,16 @@ def _pyplot():
 
 
 def _finish(fig, path: str | Path | None):
-    """Lay out the figure, save it as a PNG when a path is given, return it."""
+    """Lay out the figure, save it as a PNG when a path is given, return it.
+
+    The figure is released from pyplot's registry (it stays usable: `savefig`,
+    notebook display), so scripts that draw dozens of figures don't pile them up.
+    """
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
     return fig
 
 

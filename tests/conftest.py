@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -13,8 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_OFF}".strip()
-
-from hypothesis import HealthCheck, settings
 
 # Property tests compile JAX functions: the first example is slow, so no deadline.
 # On CI (CI=true) the examples are derandomized, so a red run replays the same way.
