@@ -1,10 +1,13 @@
 """Shared test set-up: CPU only, a fixed hypothesis profile, the real-data path."""
 
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+from PIL import Image
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,6 +30,26 @@ settings.register_profile(
 settings.load_profile("jaxlearn")
 
 REPO = Path(__file__).resolve().parents[1]
+# The experiment scripts import their siblings (as when run as scripts): tests import
+# them as modules the same way.
+sys.path.insert(0, str(REPO / "experiments"))
+
+
+def write_color_folder(root, names=("cats", "dogs"), per_class=8, seed=0, ext="png"):
+    """One sub-folder per class name of 36x40 images that colour alone separates.
+
+    Class 0 is reddish and class 1 bluish (noise plus 120 in one channel), so even a
+    briefly trained model must beat chance; 36x40 is not square, so loaders crop.
+    `ext` may be a tuple of extensions, used in turn.
+    """
+    rng = np.random.default_rng(seed)
+    exts = (ext,) if isinstance(ext, str) else tuple(ext)
+    for name, channel in zip(names, (0, 2), strict=True):
+        (Path(root) / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, (36, 40, 3)).astype(np.uint8)
+            pixels[..., channel] += 120
+            Image.fromarray(pixels).save(Path(root) / name / f"{i}.{exts[i % len(exts)]}")
 
 
 @pytest.fixture(scope="session")

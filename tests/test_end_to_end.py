@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from conftest import write_color_folder
 
 from jaxlearn.data import ArrayLoader, load_image_folder, load_tfds
 from jaxlearn.loop import fit
@@ -13,18 +13,6 @@ from jaxlearn.models import get_model
 from jaxlearn.schedules import one_cycle
 from jaxlearn.state import TrainState
 from jaxlearn.steps import make_eval_step, make_train_step
-
-
-def _write_folder(root, split, n_per_class, seed):
-    """Reddish 'cats' and bluish 'dogs' with noise, half JPEG and half PNG."""
-    rng = np.random.default_rng(seed)
-    for name, channel in (("cats", 0), ("dogs", 2)):
-        (root / split / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            pixels = rng.integers(0, 110, (12, 14, 3), dtype=np.uint8)
-            pixels[..., channel] += 140
-            ext = "jpg" if i % 2 else "png"
-            Image.fromarray(pixels).save(root / split / name / f"{i}.{ext}")
 
 
 def _fit(train, valid, epochs, batch_size):
@@ -46,8 +34,8 @@ def _fit(train, valid, epochs, batch_size):
 
 
 def test_fit_on_an_image_folder(tmp_path):
-    _write_folder(tmp_path, "train", 16, seed=0)
-    _write_folder(tmp_path, "valid", 5, seed=1)
+    write_color_folder(tmp_path / "train", per_class=16, seed=0, ext=("png", "jpg"))
+    write_color_folder(tmp_path / "valid", per_class=5, seed=1, ext=("png", "jpg"))
     train = load_image_folder(tmp_path, "train", 8, cache=False, progress=False)
     valid = load_image_folder(
         tmp_path, "valid", 8, class_names=train.class_names, cache=False, progress=False

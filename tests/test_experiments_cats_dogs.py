@@ -1,35 +1,19 @@
 """Smoke test of experiments/cats_dogs_scratch.py on tiny image folders written here."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+import cats_dogs_scratch as cats_dogs
 import numpy as np
 import pytest
+from conftest import write_color_folder
 from PIL import Image
-
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "cats_dogs_scratch.py"
-_SPEC = importlib.util.spec_from_file_location("cats_dogs_scratch", _PATH)
-cats_dogs = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(cats_dogs)
-
-
-def _folder(root, per_class, seed):
-    """Reddish 'cats' and bluish 'dogs', 40x36 px PNGs (not square: the loader crops)."""
-    rng = np.random.default_rng(seed)
-    for name, channel in (("cats", 0), ("dogs", 2)):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 120, (36, 40, 3)).astype(np.uint8)
-            pixels[..., channel] += 120
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
-    _folder(tmp_path / "data" / "cats_and_dogs" / "train", 30, seed=0)
-    _folder(tmp_path / "held" / "validation", 8, seed=1)
+    write_color_folder(tmp_path / "data" / "cats_and_dogs" / "train", per_class=30, seed=0)
+    write_color_folder(tmp_path / "held" / "validation", per_class=8, seed=1)
     return tmp_path
 
 

@@ -1,18 +1,12 @@
 """Smoke test of experiments/flat_minima.py on tiny MNIST idx files, and its rank correlation."""
 
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 
+import flat_minima
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
-
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "flat_minima.py"
-_SPEC = importlib.util.spec_from_file_location("flat_minima", _PATH)
-flat_minima = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(flat_minima)
 
 
 def _write_idx(path, array, magic):

@@ -4,51 +4,24 @@ The folders are written here: reddish class-0 and bluish class-1 images, so colo
 separates the classes and even a briefly trained head must beat chance.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import cats_dogs_transfer as transfer
+import imagenette
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_color_folder
 
 from jaxlearn.models import get_model
 from jaxlearn.pretrained import load_variables, save_variables
-
-_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(_EXPERIMENTS))  # cats_dogs_transfer imports its siblings
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Flax modules defined in the script look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-imagenette = _load("imagenette")
-transfer = _load("cats_dogs_transfer")
-
-
-def _folder(root, names, per_class, seed):
-    """One sub-folder per name of 40x36 PNGs; class 0 reddish, class 1 bluish."""
-    rng = np.random.default_rng(seed)
-    for name, channel in zip(names, (0, 2), strict=True):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 120, (36, 40, 3)).astype(np.uint8)
-            pixels[..., channel] += 120
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
-    _folder(tmp_path / "data" / "cats_and_dogs" / "train", ("cats", "dogs"), 20, seed=0)
-    _folder(tmp_path / "held" / "validation", ("cats", "dogs"), 6, seed=1)
+    write_color_folder(tmp_path / "data" / "cats_and_dogs" / "train", per_class=20, seed=0)
+    write_color_folder(tmp_path / "held" / "validation", per_class=6, seed=1)
     return tmp_path
 
 
@@ -63,8 +36,8 @@ def imagenette_weights(tmp_path_factory):
 def test_imagenette_quick_trains_reports_and_saves_loadable_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "data" / "imagenette_128"
-    _folder(root / "train", ("n01440764", "n02102040"), 24, seed=0)
-    _folder(root / "val", ("n01440764", "n02102040"), 5, seed=1)
+    write_color_folder(root / "train", ("n01440764", "n02102040"), 24, seed=0)
+    write_color_folder(root / "val", ("n01440764", "n02102040"), 5, seed=1)
     out, weights = tmp_path / "out", tmp_path / "elsewhere" / "w.msgpack"
     argv = ["--quick", "--data", str(tmp_path / "data"), "--out", str(out),
             "--weights-out", str(weights), "--batch-size", "8"]  # fmt: skip

@@ -7,9 +7,7 @@ optax calls) to it. The cycle lengths the tests expect come from `spec_lengths`,
 documented rule written out here, never from the module's own helper.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -562,10 +560,8 @@ def test_plot_schedule_marks_cycle_ends_and_overlays_schedules(tmp_path):
 
 
 def test_schedules_demo_prints_a_table_and_writes_the_figure(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "experiments" / "schedules_demo.py"
-    spec = importlib.util.spec_from_file_location("schedules_demo", path)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    import schedules_demo as demo
+
     demo.main(["--out", str(tmp_path), "--quick"])
     out = capsys.readouterr().out
     assert "sgdr" in out and "one_cycle" in out
