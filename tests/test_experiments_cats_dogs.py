@@ -55,3 +55,10 @@ def test_missing_eval_dir_is_a_file_not_found(data):
     with pytest.raises(FileNotFoundError, match="eval-dir"):
         cats_dogs.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"),
                         "--eval-dir", str(data / "nowhere")])  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"]])
+def test_bad_size_epochs_or_seeds_are_rejected_before_any_work(data, flag):
+    with pytest.raises(ValueError, match=f"{flag[0]} must be >= "):
+        cats_dogs.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"), *flag])
+    assert not (data / "o").exists()
