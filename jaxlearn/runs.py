@@ -81,6 +81,8 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "jax_backend": jax.default_backend(),
         "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
+        # XLA flags change speed by 3x on CPU (README, "Speed on a CPU"): record them.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": versions,
         "git_commit": _git_commit(),
     }

@@ -9,7 +9,10 @@ import pytest
 from jaxlearn.runs import data_root, write_results
 
 
-def test_write_results_records_everything(tmp_path):
+def test_write_results_records_everything(tmp_path, monkeypatch):
+    # A real flag: XLA aborts the process on unknown ones.
+    flags = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    monkeypatch.setenv("XLA_FLAGS", flags)
     started = time.time() - 2.0
     path = write_results(
         tmp_path / "run",
@@ -27,6 +30,7 @@ def test_write_results_records_everything(tmp_path):
     assert record["wall_time_s"] >= 2.0
     env = record["environment"]
     assert env["versions"]["jax"] and env["devices"] and env["cpu_count"]
+    assert env["xla_flags"] == flags
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
