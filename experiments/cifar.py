@@ -98,9 +98,9 @@ def load_splits(
     seed gives the same validation set whatever the training budget.
 
     Args:
-      args: parsed flags (`--tfds`, `--folder`, `--data` and the subset sizes; a size
-        flag overrides the keyword of the same name).
-      train_size, valid_size, test_size: default sizes (test None: all of it).
+      args: parsed flags (`--tfds`, `--folder`, `--data`).
+      train_size, valid_size, test_size: the sizes (test None: all of it);
+        `pick_setup` has already applied the size flags.
       seed: seed of the carve and the subsets.
 
     Returns:
@@ -115,9 +115,6 @@ def load_splits(
         root = source(args)
         full = load_image_folder(root, "train", IMAGE_SIZE)
         test = load_image_folder(root, "test", IMAGE_SIZE, class_names=full.class_names)
-    train_size = args.train_size or train_size
-    valid_size = args.valid_size or valid_size
-    test_size = args.test_size or test_size
     if train_size + valid_size > len(full):
         raise ValueError(
             f"train_size + valid_size = {train_size + valid_size} exceeds the "
@@ -174,7 +171,8 @@ def prepare(args, setup: Setup):
 def pick_setup(args, default: tuple[str, Setup], quick: Setup, full: Setup | None = None,
                **overrides):  # fmt: skip
     """The mode's setup (`--quick`, `--full` if the script has it, else the default),
-    with the fields that flags override.
+    with the fields that flags override, the data flags' sizes included, so that the
+    setup written to results.json is the one that ran.
 
     Args:
       args: parsed flags with `quick` (and `full` when `full` is given).
@@ -192,6 +190,8 @@ def pick_setup(args, default: tuple[str, Setup], quick: Setup, full: Setup | Non
         mode, setup = "quick", quick
     elif getattr(args, "full", False):
         mode, setup = "full", full
+    sizes = {"train": args.train_size, "valid": args.valid_size, "test": args.test_size}
+    overrides = {**sizes, **overrides}
     return mode, dataclasses.replace(setup, **{k: v for k, v in overrides.items() if v is not None})
 
 

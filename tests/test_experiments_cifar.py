@@ -114,6 +114,8 @@ def test_snapshot_ensembles_compares_same_budget(folder, tmp_path):
     record = _results(out)
     config = record["config"]
     assert config["epochs"] == config["cycles"] * config["cycle_epochs"]
+    # The size flags are part of the recorded setup, not only of the data loaded.
+    assert (config["train"], config["valid"], config["test"]) == (96, 48, 36)
     sgdr_runs, cosine_runs = metrics["per_seed"]["sgdr"], metrics["per_seed"]["cosine"]
     assert len(sgdr_runs) == len(cosine_runs) == 1
     assert all(len(r["test"]["members"]) == config["cycles"] for r in sgdr_runs)
