@@ -110,3 +110,20 @@ def test_weights_of_another_architecture_are_rejected(data, imagenette_weights):
         transfer.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"),
                        "--imagenette-weights", str(imagenette_weights),
                        "--model", "resnet34"])  # fmt: skip
+
+
+def test_torchvision_weights_file_is_the_pretrained_source(data, tmp_path):
+    pytest.importorskip("torch", reason="the torchvision-layout reference net needs torch")
+    from safetensors.numpy import save_file
+    from test_pretrained import numpy_state_dict, random_torch_resnet
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(numpy_state_dict(random_torch_resnet("resnet18")), str(weights))
+    out = data / "tv"
+    metrics = transfer.main(["--quick", "--data", str(data / "data"), "--out", str(out),
+                             "--parts", "a", "--weights", str(weights), "--draws", "3",
+                             "--n-train", "24"])  # fmt: skip
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["source"] == "torchvision"
+    assert record["config"]["weights"] == str(weights)
+    assert set(metrics["few_shot"]) == {"torchvision", "scratch"}
