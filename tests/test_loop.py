@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 from core_worker import TinyNet, make_run, tiny_data
+from PIL import Image
 
 from jaxlearn.checkpoint import Checkpointer
 from jaxlearn.data.loader import ArrayLoader
@@ -50,7 +51,8 @@ def test_fit_history_and_eval_on_held_out_data(tmp_path):
     assert history["eval_accuracy"][-1] == pytest.approx(after["accuracy"])
     assert after["loss"] < before["loss"]
     fig = plot_history(history, tmp_path / "history.png")
-    assert (tmp_path / "history.png").stat().st_size > 0
+    with Image.open(tmp_path / "history.png") as png:  # a palette PNG: small files
+        assert png.format == "PNG" and png.mode == "P" and png.size == (1680, 480)
     np.testing.assert_array_equal(fig.axes[2].lines[0].get_ydata(), history["lr"])
 
 
