@@ -52,6 +52,18 @@ def write_color_folder(root, names=("cats", "dogs"), per_class=8, seed=0, ext="p
             Image.fromarray(pixels).save(Path(root) / name / f"{i}.{exts[i % len(exts)]}")
 
 
+def write_cats_dogs(tmp_path, monkeypatch, per_class: int, held_per_class: int) -> Path:
+    """The experiments' cats-and-dogs layout under `tmp_path`, with a private cache.
+
+    `data/cats_and_dogs/train/{cats,dogs}` (per_class images each) for `--data`, and
+    `held/validation/{cats,dogs}` (held_per_class each) for `--eval-dir`.
+    """
+    monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
+    write_color_folder(tmp_path / "data" / "cats_and_dogs" / "train", per_class=per_class, seed=0)
+    write_color_folder(tmp_path / "held" / "validation", per_class=held_per_class, seed=1)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data sets (../shared/data or $JAXLEARN_DATA); skip when absent."""

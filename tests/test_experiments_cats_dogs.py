@@ -5,16 +5,13 @@ import json
 import cats_dogs_scratch as cats_dogs
 import numpy as np
 import pytest
-from conftest import write_color_folder
+from conftest import write_cats_dogs
 from PIL import Image
 
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
-    write_color_folder(tmp_path / "data" / "cats_and_dogs" / "train", per_class=30, seed=0)
-    write_color_folder(tmp_path / "held" / "validation", per_class=8, seed=1)
-    return tmp_path
+    return write_cats_dogs(tmp_path, monkeypatch, per_class=30, held_per_class=8)
 
 
 def test_quick_ablation_reports_on_the_eval_dir(data):

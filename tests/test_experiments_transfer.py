@@ -11,7 +11,7 @@ import imagenette
 import jax
 import numpy as np
 import pytest
-from conftest import write_color_folder
+from conftest import write_cats_dogs, write_color_folder
 
 from jaxlearn.models import get_model
 from jaxlearn.pretrained import load_variables, save_variables
@@ -19,10 +19,7 @@ from jaxlearn.pretrained import load_variables, save_variables
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "cache"))
-    write_color_folder(tmp_path / "data" / "cats_and_dogs" / "train", per_class=20, seed=0)
-    write_color_folder(tmp_path / "held" / "validation", per_class=6, seed=1)
-    return tmp_path
+    return write_cats_dogs(tmp_path, monkeypatch, per_class=20, held_per_class=6)
 
 
 @pytest.fixture(scope="module")
