@@ -124,7 +124,7 @@ def bench_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, step
     model = get_model("resnet20", num_classes=10)
     tx = optax.sgd(0.1, momentum=0.9)
     state = TrainState.create(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    train_step = make_train_step(learning_rate=0.1)
+    train_step = make_train_step()
     batch = {"image": device_images[:batch_size], "label": device_labels[:batch_size]}
     train_steps = 3
 

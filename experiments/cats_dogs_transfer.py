@@ -127,7 +127,7 @@ def few_shot(train_feats, train_labels, report_feats, report_labels, draws, key)
     """
     head = PostHead()
     tx = optax.adam(HEAD_LR)
-    step = make_train_step(learning_rate=HEAD_LR, jit=False)  # features: float, no preprocess
+    step = make_train_step(jit=False)  # features: float, no preprocess
     idx = draw_indices(train_labels, draws)
     states = init_many(head, tx, jax.random.split(key, draws), train_feats[:1])
 
@@ -157,9 +157,10 @@ def describe(values) -> dict:
 def train_scratch(model, train_loader, epochs: int, size: int, augment, seed: int):
     """The from-scratch arm of (b): the same ResNet, all layers, fastai Adam under one-cycle."""
     schedule = one_cycle(PEAK_LR, epochs * len(train_loader))
-    state = TrainState.create(model, fastai_adam(schedule), jax.random.key(seed),
+    tx = optax.inject_hyperparams(fastai_adam)(learning_rate=schedule)
+    state = TrainState.create(model, tx, jax.random.key(seed),
                               np.zeros((1, size, size, 3), np.uint8))  # fmt: skip
-    step = make_train_step(learning_rate=schedule, augment=augment, preprocess=imagenet_normalize)
+    step = make_train_step(augment=augment, preprocess=imagenet_normalize)
     return fit(state, train_loader, train_step=step, epochs=epochs, progress=False)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -212,16 +212,17 @@ def build_model(name: str, num_classes: int):
 
 
 def sgd(learning_rate) -> optax.GradientTransformation:
-    """SGD with momentum 0.9 (weight decay is the train step's L2 term)."""
-    return optax.sgd(learning_rate, momentum=MOMENTUM)
+    """SGD with momentum 0.9 (weight decay is the train step's L2 term), its LR injected
+    (`optax.inject_hyperparams`) so the train step logs the rate it used."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=MOMENTUM)
 
 
 class Recipe:
     """Model, preprocessing, augmentation and steps, shared by every run of a script.
 
-    The jitted train step sees the optimizer as a static part of the state, so each
-    schedule compiles once (~10 s on this CPU): `fit` builds the optimizer and step of
-    a schedule the first time it sees it and reuses them for every seed.
+    One train step and one eval step serve every schedule and seed: the steps compile
+    once per optimizer program (`jaxlearn.programs`), so the seeds of a schedule share
+    one compilation, and so do the SGDR schedules that differ only in cycle length.
     """
 
     def __init__(self, splits: Splits, model_name: str, batch_size: int):
@@ -237,40 +238,21 @@ class Recipe:
         # Random flip + crop of the 4-px zero-padded image (He et al. 2016), on the
         # device inside the train step, on the uint8 batch.
         self.augment = compose(random_flip(), random_crop(4))
-        eval_step = make_eval_step(preprocess=preprocess)
-        # Evaluation needs no optimizer: dropping it from the state lets every schedule
-        # share one compiled eval step (the optimizer is a static part of the state).
-        self.eval_step = lambda state, batch: eval_step(
-            state.replace(tx=_INIT_TX, opt_state=()), batch
+        self.eval_step = make_eval_step(preprocess=preprocess)
+        self.train_step = make_train_step(
+            weight_decay=WEIGHT_DECAY, augment=self.augment, preprocess=preprocess
         )
         self.valid = ArrayLoader(splits.valid.images, splits.valid.labels, EVAL_BATCH, train=False)
         self.batch_size = batch_size
-        self._compiled: dict[int, tuple] = {}
-
-    def train_step(self, learning_rate=None) -> Callable:
-        """The jitted train step (L2 weight decay 1e-4); `learning_rate` is logged as 'lr'."""
-        return make_train_step(
-            learning_rate=learning_rate,
-            weight_decay=WEIGHT_DECAY,
-            augment=self.augment,
-            preprocess=self.preprocess,
-        )
 
     def loader(self, splits: Splits, seed: int) -> ArrayLoader:
         """The training loader: shuffled per (seed, epoch), last partial batch dropped."""
         return ArrayLoader(splits.train.images, splits.train.labels, self.batch_size, seed=seed)
 
     def state(self, tx: optax.GradientTransformation, seed: int) -> TrainState:
-        """A fresh model with optimizer `tx`, initialised from `seed`.
-
-        The init is jitted once per model, for every seed and optimizer: run eagerly it
-        compiles each of its ~90 small operations on its own (~35 s on this loaded CPU),
-        and jitted with each optimizer as a static argument it would compile again for
-        every schedule. The optimizer state is then built for `tx`.
-        """
+        """A fresh model with optimizer `tx`, initialised from `seed`."""
         example = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-        state = _create(self.model, _INIT_TX, jax.random.key(seed), example)
-        return state.replace(tx=tx, opt_state=tx.init(state.params))
+        return TrainState.create(self.model, tx, jax.random.key(seed), example)
 
     def fit(self, splits: Splits, schedule, seed: int, epochs: int, callbacks=(), **kwargs):
         """Train a fresh model with SGD on `schedule` for `epochs` epochs (validating each).
@@ -278,13 +260,10 @@ class Recipe:
         Returns:
           `(state, history)` as `jaxlearn.loop.fit`.
         """
-        if id(schedule) not in self._compiled:
-            self._compiled[id(schedule)] = (schedule, sgd(schedule), self.train_step(schedule))
-        _, tx, train_step = self._compiled[id(schedule)]
         return loop.fit(
-            self.state(tx, seed),
+            self.state(sgd(schedule), seed),
             self.loader(splits, seed),
-            train_step=train_step,
+            train_step=self.train_step,
             epochs=epochs,
             eval_data=self.valid,
             eval_step=self.eval_step,
@@ -332,10 +311,6 @@ def mean_curve(records: Sequence[dict], split: str = "test") -> ensemble.Ensembl
     )
 
 
-_create = jax.jit(TrainState.create, static_argnums=(0, 1))
-_INIT_TX = optax.identity()  # a fixed optimizer for `_create`; `Recipe.state` swaps in the real one
-
-
 def variables(state: TrainState) -> dict:
     """The state's `{'params', 'batch_stats'}` copied to host memory (safe from donation)."""
     return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -353,7 +328,7 @@ class KeepBest(loop.Callback):
         self.best_accuracy = -1.0
         self.best_epoch: int | None = None
 
-    def on_epoch_end(self, state, history):
+    def on_epoch_end(self, step, state, history):
         if history["eval_accuracy"][-1] > self.best_accuracy:
             self.best_accuracy = float(history["eval_accuracy"][-1])
             self.best_epoch = int(history["epoch"][-1])

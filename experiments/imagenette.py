@@ -33,6 +33,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 
 from jaxlearn import plots, runs
 from jaxlearn.data import (
@@ -127,21 +128,22 @@ def main(argv: list[str] | None = None) -> dict:
     majority = np.bincount(train.labels, minlength=train.num_classes).argmax()
     baseline = float(np.mean(val.labels == majority))
 
-    # 3. The ResNet, one compiled train step shared by all seeds.
+    # 3. The ResNet, one compiled train step shared by all seeds (the optimizer enters the
+    # step by value: every seed's new optimizer object is the same program).
     model = get_model(args.model, train.num_classes)
     steps_per_epoch = len(train) // batch
     schedule = one_cycle(args.lr, cfg["epochs"] * steps_per_epoch)
     augment = compose(random_resized_crop(cfg["size"], scale=CROP_SCALE), random_flip())
-    train_step = make_train_step(learning_rate=schedule, label_smoothing=LABEL_SMOOTHING,
-                                 augment=augment, preprocess=imagenet_normalize)  # fmt: skip
+    train_step = make_train_step(label_smoothing=LABEL_SMOOTHING, augment=augment,
+                                 preprocess=imagenet_normalize)  # fmt: skip
     eval_step = make_eval_step(preprocess=imagenet_normalize)
     valid_loader = ArrayLoader(valid.images, valid.labels, EVAL_BATCH, train=False)
     val_loader = ArrayLoader(val.images, val.labels, EVAL_BATCH, train=False)
     per_seed = []
     for seed in range(cfg["seeds"]):
         t0 = time.time()
-        state = TrainState.create(model, fastai_adam(schedule), jax.random.key(seed),
-                                  train.images[:1])  # fmt: skip
+        tx = optax.inject_hyperparams(fastai_adam)(learning_rate=schedule)
+        state = TrainState.create(model, tx, jax.random.key(seed), train.images[:1])
         loader = ArrayLoader(train.images, train.labels, batch, seed=seed)
         state, history = fit(state, loader, train_step=train_step, epochs=cfg["epochs"],
                              eval_data=valid_loader, eval_step=eval_step,

@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
     # --- data: a validation set carved from train; the test split is scored once, at the end.
     splits, baseline, recipe = cifar.prepare(args, budget)
 
-    # --- 1. LR range test: one step per LR, 1e-3 .. 10, on a throwaway copy of the model.
+    # --- 1. LR range test: one step per LR, 1e-3 .. 10, on a throwaway copy of the model
+    # trained with its own optimizer (SGD, momentum 0.9), the sweep setting the rate.
     finder = lr_find(
-        recipe.state(cifar.sgd(0.0), seed=0),
-        recipe.train_step(),
+        recipe.state(cifar.sgd(1.0), seed=0),
+        recipe.train_step,
         recipe.loader(splits, seed=0),
-        make_tx=cifar.sgd,
         start_lr=FINDER_RANGE[0],
         end_lr=FINDER_RANGE[1],
         num_steps=budget.finder_steps,

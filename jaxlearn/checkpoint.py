@@ -5,7 +5,12 @@ Orbax's CheckpointManager: `state` (the TrainState's arrays), `history` (JSON:
 per-step and per-epoch records, the number of snapshots), `config` (JSON, what
 the user passes) and `snapshots` (captured params + batch_stats, when any).
 Orbax writes each checkpoint into a temporary directory and renames it when
-complete, so a process killed mid-save leaves the previous checkpoints intact.
+complete, so a process killed mid-save leaves the previous checkpoints intact;
+an existing checkpoint is never deleted to make room for a new one at the same
+step (that is refused). Saves are asynchronous: `save` returns once the arrays
+are copied to host memory (Orbax's blocking device-to-host transfer), so the
+donating train step may reuse their buffers at once, and the files are written
+in the background while training goes on; reads wait for pending writes.
 
 Restoring reads arrays against an abstract target built from a live state (shapes,
 dtypes, shardings), so the optimizer state keeps its NamedTuple structure and
@@ -76,8 +81,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
-            # Synchronous: the train step donates the state right after a save.
-            enable_async_checkpointing=False,
+            # Safe with the donating train step: without a device-host byte limit,
+            # Orbax copies every array to host before `save` returns.
+            enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
         )
         # Handlers named up front, so a fresh process can read item metadata before restoring.
@@ -91,12 +97,18 @@ class Checkpointer:
             self.directory, options=options, item_handlers=handlers
         )
 
+    def wait(self) -> None:
+        """Block until every pending (background) write is on disk."""
+        self.manager.wait_until_finished()
+
     def latest_step(self) -> int | None:
-        """Step of the newest complete checkpoint, or None."""
+        """Step of the newest complete checkpoint, or None (after pending writes)."""
+        self.wait()
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        """Steps of every kept checkpoint, oldest first."""
+        """Steps of every kept checkpoint, oldest first (after pending writes)."""
+        self.wait()
         return sorted(self.manager.all_steps())
 
     def save(
@@ -107,13 +119,17 @@ class Checkpointer:
         snapshots: list | None = None,
         config: dict | None = None,
     ) -> None:
-        """Write a checkpoint at `state.step` (replacing one already there).
+        """Start writing a checkpoint at `state.step`; returns once the arrays are on the host.
 
         Args:
           state: the train state.
           history: `fit`'s history (dict of arrays).
           snapshots: list of captured `{'params', 'batch_stats'}` pytrees.
           config: JSON-serializable record of the run's configuration.
+
+        Raises:
+          ValueError: a checkpoint at this step exists already (it is kept: a run
+            that reaches the same step again is another run, or a replay).
         """
         step = int(jax.device_get(state.step))
         snapshots = list(snapshots or [])
@@ -126,10 +142,12 @@ class Checkpointer:
         }
         if snapshots:
             items["snapshots"] = ocp.args.StandardSave({str(i): s for i, s in enumerate(snapshots)})
-        if step in self.manager.all_steps():
-            self.manager.delete(step)
+        if step in self.all_steps():
+            raise ValueError(
+                f"a checkpoint at step {step} exists in {self.directory}; it is kept "
+                "(restore it to resume that run, or write to another directory)"
+            )
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
 
     def restore(self, target: TrainState, step: int | None = None) -> dict[str, Any]:
         """Read a checkpoint into the structure, dtypes and shardings of `target`.
@@ -148,18 +166,9 @@ class Checkpointer:
           ValueError: the checkpoint holds a different model or optimizer; the
             message names the missing, unexpected and reshaped keys.
         """
-        steps = self.manager.all_steps()
-        if step is None:
-            step = self.manager.latest_step()
-        if step is None or step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint at step {step} in {self.directory} (have {steps})"
-            )
-        self._check_matches(target, step)
-        meta = self.manager.restore(
-            step,
-            args=ocp.args.Composite(history=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()),
-        )
+        step = self._existing(step)
+        self.check_matches(target, step)
+        meta = self._json(step)
         num_snapshots = meta["history"]["num_snapshots"]
         items = {"state": ocp.args.StandardRestore(_abstract(_state_tree(target)))}
         if num_snapshots:
@@ -181,7 +190,28 @@ class Checkpointer:
             "config": meta["config"],
         }
 
-    def _check_matches(self, target: TrainState, step: int) -> None:
+    def _existing(self, step: int | None) -> int:
+        """`step`, or the newest when None; FileNotFoundError if there is no such checkpoint."""
+        steps = self.all_steps()
+        if step is None:
+            step = steps[-1] if steps else None
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {self.directory} (have {steps})"
+            )
+        return step
+
+    def _json(self, step: int) -> dict:
+        return self.manager.restore(
+            step,
+            args=ocp.args.Composite(history=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()),
+        )
+
+    def config(self, step: int | None = None) -> dict:
+        """The config stored with a checkpoint (default: the newest), without reading arrays."""
+        return self._json(self._existing(step))["config"]
+
+    def check_matches(self, target: TrainState, step: int) -> None:
         """ValueError naming the keys where the checkpoint's state differs from `target`'s."""
         saved = _shapes_by_key(self.manager.item_metadata(step)["state"])
         wanted = _shapes_by_key(_state_tree(target))

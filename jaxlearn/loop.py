@@ -1,8 +1,10 @@
 """fit(): the training loop, the one place with side effects.
 
 It feeds batches to the pure train step, keeps the history, draws the progress
-bar, evaluates each epoch and calls the callbacks. Callbacks are objects with
-three optional hooks (`on_step_end`, `on_epoch_end`, `on_train_end`); a hook
+bar, evaluates each epoch and calls the callbacks. It never waits for the device
+between steps: metrics are fetched in batches (`log_every`), and the step count
+the callbacks see is the host's own. Callbacks are objects with optional hooks
+(`on_train_begin`, `on_step_end`, `on_epoch_end`, `on_train_end`); a hook
 returning True stops training after the current step or epoch.
 
 Resuming is exact: `fit` starts at `state.step`, i.e. epoch
@@ -13,15 +15,18 @@ step), so a run restored from a checkpoint replays the same stream.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxlearn.inference import check_fits
 from jaxlearn.parallel import data_mesh, replicate
 from jaxlearn.state import TrainState
 
@@ -46,18 +51,36 @@ class Loader(Protocol):
 class Callback:
     """Base class with no-op hooks; override the ones you need.
 
-    Hooks see the state after the step (do not keep references to its arrays:
-    the next step donates them; copy with `jax.device_get`) and the history as
-    a dict of lists being filled.
+    Every hook gets `step`, the host's count of updates taken (`state.step`
+    without asking the device, which would stall its queue of work), and the
+    state after that step: do not keep references to its arrays, the next step
+    donates them; copy with `jax.device_get`.
     """
 
-    def on_step_end(self, state: TrainState, metrics: dict, history: dict) -> bool | None:
-        """After each step; `metrics` are host floats. Return True to stop."""
+    def on_train_begin(self, step: int, state: TrainState, history: dict) -> None:
+        """Once, before the first step (`history`: the run's records so far)."""
 
-    def on_epoch_end(self, state: TrainState, history: dict) -> bool | None:
-        """After each full epoch and its evaluation. Return True to stop."""
+    def needs_history(self, step: int) -> bool:
+        """Whether `on_step_end` at `step` needs the per-step history complete up to it.
 
-    def on_train_end(self, state: TrainState, history: dict) -> None:
+        `fit` fetches metrics from the device every `log_every` steps, not after
+        each step (that would stall the device's queue); answering True makes it
+        fetch before this step's `on_step_end` (e.g. to checkpoint the history).
+        """
+        return False
+
+    def on_step_end(
+        self, step: int, state: TrainState, metrics: dict, history: dict
+    ) -> bool | None:
+        """After each step. `metrics` are this step's device arrays: reading one
+        waits for the step to finish, so read them only now and then. `history`
+        holds the records fetched so far (all of them if `needs_history(step)`).
+        Return True to stop."""
+
+    def on_epoch_end(self, step: int, state: TrainState, history: dict) -> bool | None:
+        """After each full epoch and its evaluation; `history` is up to date. True stops."""
+
+    def on_train_end(self, step: int, state: TrainState, history: dict) -> None:
         """Once, when training ends normally (not after an error)."""
 
 
@@ -76,7 +99,7 @@ class StopAtMetric(Callback):
         self.name, self.threshold, self.mode = name, float(threshold), mode
         self.reached_epoch: int | None = None
 
-    def on_epoch_end(self, state, history):
+    def on_epoch_end(self, step, state, history):
         if not history.get(self.name):
             raise ValueError(
                 f"StopAtMetric: no per-epoch metric {self.name!r}; have "
@@ -105,8 +128,8 @@ class CaptureParams(Callback):
             raise ValueError(f"at_steps must be positive step counts, got {sorted(self.at_steps)}")
         self.snapshots: list = list(snapshots or [])
 
-    def on_step_end(self, state, metrics, history):
-        if int(state.step) in self.at_steps:
+    def on_step_end(self, step, state, metrics, history):
+        if step in self.at_steps:
             self.snapshots.append(
                 jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
             )
@@ -116,7 +139,11 @@ class Checkpoint(Callback):
     """Save state, history, snapshots and config every N steps and/or epochs, and at the end.
 
     A state whose parameters are not all finite is never written, so the last
-    checkpoint stays the last good one.
+    checkpoint stays the last good one. Before the first step the directory is
+    checked, so that two runs never mix in it: it must be empty, or hold this run
+    (same model and optimizer state layout, same `config`) up to exactly the
+    step the run starts from -- i.e. the run was restored from its newest
+    checkpoint to resume. Anything else is refused with a ValueError.
     """
 
     def __init__(
@@ -132,22 +159,37 @@ class Checkpoint(Callback):
         checkpointer: a `jaxlearn.checkpoint.Checkpointer`.
         every_steps / every_epochs: save period (positive), either or both.
         capture: a CaptureParams whose snapshots go into each checkpoint.
-        config: JSON-serializable run configuration to store alongside."""
+        config: JSON-serializable run configuration to store alongside (and to
+          recognise the run by when resuming)."""
         for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        self.checkpointer, self.capture, self.config = checkpointer, capture, config
+        self.checkpointer, self.capture = checkpointer, capture
+        self.config = json.loads(json.dumps(config)) if config is not None else None
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.last_saved: int | None = None
 
-    def save(self, state: TrainState, history: dict) -> None:
-        """Write a checkpoint at `state.step` unless the parameters hold NaN or inf."""
-        finite = jax.tree.reduce(
-            lambda ok, x: ok & bool(np.isfinite(jax.device_get(x)).all()), state.params, True
-        )
-        if not finite:
+    def on_train_begin(self, step, state, history):
+        latest = self.checkpointer.latest_step()
+        if latest is None or latest == self.last_saved:
+            return  # an empty directory, or this object's own checkpoints (a later phase)
+        where = f"{self.checkpointer.directory} holds checkpoints up to step {latest}"
+        if step != latest:
+            raise ValueError(
+                f"{where}, and this run starts at step {step}: restore its newest checkpoint "
+                "to resume that run, or give this run an empty directory"
+            )
+        self.checkpointer.check_matches(state, latest)
+        saved = self.checkpointer.config(latest)
+        if (self.config or {}) != saved:
+            raise ValueError(f"{where} of a run with config {saved}, not {self.config}")
+        self.last_saved = latest
+
+    def save(self, step: int, state: TrainState, history: dict) -> None:
+        """Write a checkpoint at `step` unless the parameters hold NaN or inf."""
+        if not bool(_all_finite(state.params)):
             raise NonFiniteLossError(
-                f"parameters are not finite at step {int(state.step)}; not checkpointed "
+                f"parameters are not finite at step {step}; not checkpointed "
                 f"(last good checkpoint: step {self.last_saved})"
             )
         self.checkpointer.save(
@@ -156,20 +198,30 @@ class Checkpoint(Callback):
             snapshots=self.capture.snapshots if self.capture else None,
             config=self.config,
         )
-        self.last_saved = int(state.step)
+        self.last_saved = step
 
-    def on_step_end(self, state, metrics, history):
-        if self.every_steps and int(state.step) % self.every_steps == 0:
-            self.save(state, history)
+    def needs_history(self, step):
+        return bool(self.every_steps) and step % self.every_steps == 0
 
-    def on_epoch_end(self, state, history):
+    def on_step_end(self, step, state, metrics, history):
+        if self.needs_history(step):
+            self.save(step, state, history)
+
+    def on_epoch_end(self, step, state, history):
         if self.every_epochs and len(history["epoch"]) % self.every_epochs == 0:
-            if self.last_saved != int(state.step):
-                self.save(state, history)
+            if self.last_saved != step:
+                self.save(step, state, history)
 
-    def on_train_end(self, state, history):
-        if self.last_saved != int(state.step):
-            self.save(state, history)
+    def on_train_end(self, step, state, history):
+        if self.last_saved != step:
+            self.save(step, state, history)
+        self.checkpointer.wait()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every float in `tree` is finite: one scalar back instead of the whole tree."""
+    return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
@@ -181,6 +233,9 @@ def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
 def evaluate(state: TrainState, data: Iterable[dict], eval_step: Callable) -> dict[str, float]:
     """Mean loss and accuracy of `state` over every unmasked example of `data`.
 
+    Every batch is dispatched before any result is fetched (one transfer at the
+    end, not one wait per batch).
+
     Args:
       state: the train state (not modified).
       data: iterable of batches (e.g. an evaluation `ArrayLoader`).
@@ -188,12 +243,18 @@ def evaluate(state: TrainState, data: Iterable[dict], eval_step: Callable) -> di
 
     Returns:
       `{'loss': float, 'accuracy': float}`.
+
+    Raises:
+      ValueError: no examples, labels outside the model's classes, or a first
+        batch that does not fit the model (the message names its shapes).
     """
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "bad_labels": 0}
+    outputs = []
     for batch in data:
-        out = jax.device_get(eval_step(state, batch))
-        for k in totals:
-            totals[k] += out[k]
+        if not outputs:
+            check_batch(eval_step, state, batch, "evaluation")
+        outputs.append(eval_step(state, batch))
+    keys = ("loss_sum", "correct", "count", "bad_labels")
+    totals = {k: sum(float(o[k]) for o in jax.device_get(outputs)) for k in keys}
     if totals["bad_labels"]:
         raise ValueError(
             f"{int(totals['bad_labels'])} evaluation labels are outside the model's classes"
@@ -206,20 +267,53 @@ def evaluate(state: TrainState, data: Iterable[dict], eval_step: Callable) -> di
     }
 
 
-def _check_first_batch(train_step: Callable, state: TrainState, batch: dict) -> None:
-    """Trace the train step on the first batch; re-raise a failure as a readable ValueError."""
+def check_batch(step_fn: Callable, state: TrainState, batch: dict, what: str) -> None:
+    """Check a batch's keys and label dtype, and trace `step_fn` on it (not running it).
+
+    A batch that does not fit the model fails here with a ValueError naming its
+    shapes, not deep inside Flax -- and before anything is donated.
+    """
     shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
     if "image" not in batch or "label" not in batch:
         raise ValueError(f"batches must be dicts with 'image' and 'label', got {shapes}")
     if not np.issubdtype(batch["label"].dtype, np.integer):
         raise ValueError(f"batch 'label' must be integer class indices, got {shapes['label']}")
-    try:
-        jax.eval_shape(train_step, state, batch)
-    except Exception as e:  # any trace error means the batch does not fit the model
-        raise ValueError(
-            f"the first training batch {shapes} does not fit the model or train step: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+    check_fits(step_fn, state, batch, what=f"the first {what} batch {shapes}")
+
+
+class _Progress:
+    """The progress bar: fast.ai's smoothed loss, the LR, images/s, from each fetch."""
+
+    def __init__(self, total: float, initial: int, show: bool):
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=None if math.isinf(total) else total, initial=initial, unit="step"
+            )
+        self.smooth, self.count = 0.0, 0
+        self.start, self.images = time.perf_counter(), 0
+
+    def update(self, epoch: int, records: list[dict], images: int) -> None:
+        if self.bar is None or not records:
+            return
+        for m in records:
+            self.count += 1
+            self.smooth = SMOOTHING * self.smooth + (1 - SMOOTHING) * m["loss"]
+        self.images += images
+        self.bar.update(len(records))
+        self.bar.set_postfix(
+            epoch=epoch,
+            loss=f"{self.smooth / (1 - SMOOTHING**self.count):.4f}",
+            lr=f"{records[-1].get('lr', math.nan):.3g}",
+            img_s=f"{self.images / (time.perf_counter() - self.start):.0f}",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def fit(
@@ -235,12 +329,21 @@ def fit(
     history: dict | None = None,
     mesh: Mesh | None = None,
     progress: bool = True,
+    log_every: int = 50,
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
     """Train until `epochs` epochs or `steps` steps in total have been run.
 
     Both counts are totals since step 0, so passing a restored state and its
     history continues the same run. The state passed in is consumed (the
     train step donates its buffers); use the returned one.
+
+    The loop never waits for the device between steps: each step's metrics stay
+    on the device and are fetched together every `log_every` steps, at the end
+    of each epoch and when a callback asks (`Callback.needs_history`). The
+    progress bar and the history come from those fetches, and the history still
+    holds every step. A NaN or inf loss, or a label outside the model's classes,
+    is therefore reported up to `log_every` steps late, naming the step where it
+    happened; checkpoints never hold non-finite parameters.
 
     Args:
       state: the train state (fresh, or restored from a checkpoint).
@@ -254,12 +357,14 @@ def fit(
       history: the history of the run being resumed.
       mesh: mesh to replicate the state on (default: the loader's, else all devices).
       progress: show a tqdm progress bar.
+      log_every: steps between fetches of the metrics (>= 1).
 
     Returns:
       `(state, history)`; history maps 'step', 'loss', 'accuracy', 'lr' to
-      per-step arrays and 'epoch', 'epoch_step', 'train_loss', 'train_accuracy',
-      'eval_loss', 'eval_accuracy', 'time' (seconds since the run's start,
-      summed over resumed sessions) to per-epoch arrays.
+      per-step arrays ('lr' is NaN where the optimizer does not report it) and
+      'epoch', 'epoch_step', 'train_loss', 'train_accuracy', 'eval_loss',
+      'eval_accuracy', 'time' (seconds since the run's start, summed over resumed
+      sessions) to per-epoch arrays.
 
     Raises:
       ValueError: bad arguments, a first batch that does not fit the model, or
@@ -273,6 +378,8 @@ def fit(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if (eval_data is None) != (eval_step is None):
         raise ValueError("eval_data and eval_step go together: give both or neither")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
     steps_per_epoch = len(train_data)
     if steps_per_epoch < 1:
         raise ValueError("train_data has no full batch in an epoch")
@@ -287,68 +394,77 @@ def fit(
         history.setdefault(key, [])
     time_offset = history["time"][-1] if history["time"] else 0.0
     start = time.perf_counter()
+    step = int(state.step)  # the host's count from here on: the device is never asked again
+    bar = _Progress(total, step, progress)
+    pending: list[tuple[int, dict, int]] = []  # (step index, device metrics, images)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=None if math.isinf(total) else total, initial=int(state.step), unit="step")
-    smooth, n_smooth = 0.0, 0
-    step = int(state.step)
-    if step and step % steps_per_epoch == 0 and len(history["epoch"]) < step // steps_per_epoch:
-        # Resumed from a checkpoint written at the last step of an epoch, before its record.
-        _end_epoch(state, history, step, steps_per_epoch, eval_data, eval_step)
-        history["time"].append(time_offset)
-    stop = step >= total
-    checked = False
-    while not stop:
-        epoch, first = divmod(step, steps_per_epoch)
-        epoch_start, images, epoch_first_step = time.perf_counter(), 0, step
-        for batch in train_data.epoch(epoch, first):
-            if not checked:
-                _check_first_batch(train_step, state, batch)
-                checked = True
-            state, metrics = train_step(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if metrics.pop("bad_labels", 0):
-                raise ValueError(f"labels outside the model's classes in the batch of step {step}")
-            if not math.isfinite(metrics["loss"]):
+    def fetch(epoch: int) -> None:
+        """Bring the pending steps' metrics to the host, check them, record them."""
+        if not pending:
+            return
+        records = jax.device_get([m for _, m, _ in pending])
+        for (i, _, _), m in zip(pending, records, strict=True):
+            if m.pop("bad_labels", 0):
+                raise ValueError(f"labels outside the model's classes in the batch of step {i}")
+            if not math.isfinite(m["loss"]):
                 saved = [c.last_saved for c in callbacks if isinstance(c, Checkpoint)]
                 raise NonFiniteLossError(
-                    f"loss is {metrics['loss']} at step {step} (epoch {epoch}); "
+                    f"loss is {m['loss']} at step {i} (epoch {i // steps_per_epoch}); "
                     f"last good checkpoint: step {saved[0] if saved else None}"
                 )
-            history["step"].append(step)
+            history["step"].append(i)
             for k in STEP_KEYS[1:]:
-                history[k].append(metrics.get(k, math.nan))
-            step += 1
-            images += int(batch["label"].shape[0])
-            if bar is not None:
-                n_smooth += 1
-                smooth = SMOOTHING * smooth + (1 - SMOOTHING) * metrics["loss"]
-                bar.update(1)
-                bar.set_postfix(
-                    epoch=epoch,
-                    loss=f"{smooth / (1 - SMOOTHING**n_smooth):.4f}",
-                    lr=f"{metrics.get('lr', math.nan):.3g}",
-                    img_s=f"{images / (time.perf_counter() - epoch_start):.0f}",
-                    refresh=False,
-                )
-            stop = any([c.on_step_end(state, metrics, history) for c in callbacks])
-            if stop or step >= total:
-                break
-        if step == epoch_first_step:
-            raise ValueError(f"train_data yielded no batch for epoch {epoch} from step {first}")
-        if step % steps_per_epoch == 0:
-            _end_epoch(state, history, step, steps_per_epoch, eval_data, eval_step)
-            history["time"].append(time_offset + time.perf_counter() - start)
-            if any([c.on_epoch_end(state, history) for c in callbacks]):
+                history[k].append(float(m.get(k, math.nan)))
+        bar.update(epoch, records, sum(n for _, _, n in pending))
+        pending.clear()
+
+    def end_epoch() -> bool:
+        """The epoch's records (evaluation included) and the callbacks; True to stop."""
+        _end_epoch(state, history, step, steps_per_epoch, eval_data, eval_step)
+        history["time"].append(time_offset + time.perf_counter() - start)
+        return any([c.on_epoch_end(step, state, history) for c in callbacks])
+
+    try:
+        for c in callbacks:
+            c.on_train_begin(step, state, history)
+        stop = step >= total
+        done = step // steps_per_epoch
+        if step % steps_per_epoch == 0 and history["step"] and len(history["epoch"]) < done:
+            # Resumed from a checkpoint written at the last step of an epoch, before its record.
+            stop = end_epoch() or stop
+        checked = False
+        while not stop:
+            epoch, first = divmod(step, steps_per_epoch)
+            epoch_first_step = step
+            for batch in train_data.epoch(epoch, first):
+                if not checked:
+                    check_batch(train_step, state, batch, "training")
+                    checked = True
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics, int(batch["label"].shape[0])))
+                step += 1
+                if len(pending) >= log_every or any(c.needs_history(step) for c in callbacks):
+                    fetch(epoch)
+                try:
+                    stop = any([c.on_step_end(step, state, metrics, history) for c in callbacks])
+                except NonFiniteLossError:
+                    fetch(epoch)  # a NaN loss that came first is the error to report
+                    raise
+                if stop or step >= total:
+                    break
+            if step == epoch_first_step:
+                raise ValueError(f"train_data yielded no batch for epoch {epoch} from step {first}")
+            fetch(epoch)
+            if step % steps_per_epoch == 0 and end_epoch():
                 stop = True
-        stop = stop or step >= total
-    if bar is not None:
+            stop = stop or step >= total
+        for c in callbacks:
+            c.on_train_end(step, state, history)
+    finally:
         bar.close()
-    for c in callbacks:
-        c.on_train_end(state, history)
+        for c in callbacks:
+            if isinstance(c, Checkpoint):
+                c.checkpointer.wait()  # what was saved is on disk, even after an error
     return state, history_arrays(history)
 
 

@@ -6,10 +6,14 @@ the LR is useful and explodes once the LR is too large. A good LR sits where the
 loss falls fastest, well before the explosion.
 
 `lr_find` runs the sweep on a copy of the caller's state with the caller's own train
-step, swapping in an optimizer built by ``make_tx(schedule)`` whose learning-rate
-schedule is the sweep (rather than `optax.inject_hyperparams`, which would force every
-caller to build their optimizer a particular way). The caller's state is never touched,
-even though the jitted train step donates its input. The suggestion rules are fast.ai's
+step and the state's own optimizer -- its momentum or Adam betas, its weight decay, its
+frozen and trainable parameters -- only its learning rate replaced by the sweep, as
+fast.ai's `Learner.lr_find` does. An optax optimizer has no learning rate to set from
+outside, so each update is rescaled from the rate the optimizer used (which it reports
+when built with `optax.inject_hyperparams`) to the sweep's; for the optimizers whose
+update is proportional to the rate (SGD, momentum, Adam, AdamW, ...) that is the same
+update. The caller's state is never touched, even though the jitted train step donates
+its input. The suggestion rules are fast.ai's
 (v2.4+: `valley`, `steep`, `minimum`, `slide`), made total: on a curve too short, flat,
 diverging from the start or cut by NaN they return ``lr=None`` and say why, where
 fast.ai raises (fastai issue #3658).
@@ -30,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxlearn.state import init_optimizer
+from jaxlearn.steps import injected_learning_rate
 
 #: Fewest points a curve needs (after trimming) before a rule will read it.
 MIN_POINTS = 10
@@ -96,9 +103,34 @@ def lr_sweep(start_lr: float, end_lr: float, num_steps: int, mode: str = "exp") 
     raise ValueError(f"mode must be 'exp' or 'linear', got {mode!r}")
 
 
-def _sgd_momentum(schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with momentum 0.9: the optimizer of Radek's posts and fast.ai 0.7."""
-    return optax.sgd(schedule, momentum=0.9)
+def sweeping(tx: optax.GradientTransformation, lrs: Any) -> optax.GradientTransformation:
+    """`tx` with update i rescaled from the learning rate `tx` used to `lrs[i]`.
+
+    The rate `tx` used comes from its injected hyperparameters (the largest, the
+    head's, under per-group rates, whose ratios are kept). An update made at rate
+    0 (a warm-up's first step) stays 0.
+
+    Args:
+      tx: an optimizer built with `optax.inject_hyperparams` (anywhere inside it).
+      lrs: the learning rate of each update; the last one repeats.
+
+    Returns:
+      The rescaled transformation; its state is `(tx's state, count)`.
+    """
+    table = jnp.asarray(lrs, jnp.float32)  # an array: every sweep shares one compiled step
+
+    def init(params):
+        return tx.init(params), jnp.zeros((), jnp.int32)
+
+    def update(updates, state, params=None):
+        inner, count = state
+        updates, inner = tx.update(updates, inner, params)
+        used = injected_learning_rate(inner)
+        want = table[jnp.minimum(count, table.shape[0] - 1)]
+        scale = jnp.where(used > 0, want / jnp.where(used > 0, used, 1.0), 0.0)
+        return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), (inner, count + 1)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _epochs(batches) -> Iterable[dict]:
@@ -113,7 +145,7 @@ def lr_find(
     train_step: Callable[[Any, dict], tuple[Any, dict]],
     batches: Iterable[dict],
     *,
-    make_tx: Callable[[optax.Schedule], optax.GradientTransformation] = _sgd_momentum,
+    make_tx: Callable[[optax.Schedule], optax.GradientTransformation] | None = None,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_steps: int = 100,
@@ -131,13 +163,16 @@ def lr_find(
 
     Args:
       state: a `jaxlearn.state.TrainState` (anything with params, tx, opt_state and
-        ``replace``). Never modified: the sweep trains a copy.
+        ``replace``). Never modified: the sweep trains a copy, with a fresh state of the
+        state's own optimizer whose learning rate is the sweep's (see `sweeping`); that
+        optimizer must report its rate (``optax.inject_hyperparams``, as
+        `jaxlearn.transfer.freeze_to` builds them), unless ``make_tx`` is given.
       train_step: ``(state, batch) -> (state, metrics)`` with a scalar ``metrics['loss']``,
         e.g. from `jaxlearn.steps.make_train_step` (its augment and preprocess apply).
       batches: an iterable of batches, or a loader with ``.epoch(e)`` (epochs are chained).
-      make_tx: ``schedule -> optax optimizer``; the copy trains with
-        ``make_tx(sweep_schedule)`` and a fresh optimizer state. Default SGD, momentum 0.9;
-        pass e.g. ``lambda lr: optax.adam(lr)`` to test the optimizer you will train with.
+      make_tx: ``schedule -> optax optimizer``: train the copy with
+        ``make_tx(sweep_schedule)`` instead of the state's optimizer (then every
+        parameter trains, unless ``make_tx`` partitions them itself).
       start_lr, end_lr, num_steps, mode: the sweep (see `lr_sweep`).
       beta: smoothing of the loss: the debiased exponential moving average
         ``avg_i / (1 - beta**(i+1))`` with ``avg_i = beta avg_{i-1} + (1 - beta) loss_i``
@@ -155,11 +190,20 @@ def lr_find(
         raise ValueError(f"stop_factor must be > 1, got {stop_factor}")
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
-    table = jnp.asarray(lrs, jnp.float32)
-    tx = make_tx(lambda count: table[jnp.minimum(count, num_steps - 1)])
+    if make_tx is not None:
+        table = jnp.asarray(lrs, jnp.float32)
+        tx = make_tx(lambda count: table[jnp.minimum(count, num_steps - 1)])
+    elif injected_learning_rate(state.opt_state) is None:
+        raise ValueError(
+            "lr_find sweeps the learning rate of the state's own optimizer, which must report "
+            "it: build it with optax.inject_hyperparams (e.g. optax.inject_hyperparams("
+            "optax.sgd)(learning_rate=0.1, momentum=0.9)), or pass make_tx=lambda lr: ..."
+        )
+    else:
+        tx = sweeping(state.tx, lrs)
     # Fresh buffers: the jitted train step donates (deletes) the arrays it is given.
     work = jax.tree.map(jnp.copy, state)
-    work = work.replace(tx=tx, opt_state=tx.init(work.params))
+    work = work.replace(tx=tx, opt_state=init_optimizer(tx, work.params))
 
     losses, smoothed, best, avg = [], [], math.inf, 0.0
     stopped = "data exhausted"
@@ -178,6 +222,11 @@ def lr_find(
             break
         if i == num_steps - 1:
             stopped = "completed"
+    if make_tx is None and not float(injected_learning_rate(work.opt_state[0])) > 0:
+        raise ValueError(
+            "the state's optimizer used learning rate 0, and lr_find scales its updates from "
+            "the rate it used to the sweep's: give the state an optimizer with a positive rate"
+        )
     n = len(losses)
     lrs, smoothed = lrs[:n], np.asarray(smoothed)
     skip_start = num_steps // 10 if skip_start is None else skip_start

@@ -3,9 +3,17 @@
 Everything here is a function of its inputs: the step's dropout and
 augmentation keys are `fold_in(state.rng, state.step)`, so the same state and
 batch always give the same result, and a resumed run replays the same keys.
-The functions come back jitted over the data mesh (batch split over devices,
-state replicated); `jit=False` returns the plain function, e.g. to `jax.vmap`
-it over many seeds.
+The steps come back jitted over the data mesh (batch split over devices,
+state replicated) and compiled once per program: the state's model and
+optimizer enter `jax.jit` by value (`jaxlearn.programs`), so every seed's,
+phase's or `lr_find`'s new optimizer object of the same kind reuses the compiled
+step. `jit=False` returns the plain function, e.g. to `jax.vmap` it over seeds.
+
+The learning rate is not passed to the step: the optimizer says which one it
+used. Build it with `optax.inject_hyperparams` (e.g.
+`optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)`)
+and the step reports the injected `learning_rate` of this update as `lr`; any
+other optimizer runs the same but reports no `lr`.
 """
 
 from __future__ import annotations
@@ -18,20 +26,30 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxlearn import programs
+from jaxlearn.inference import (
+    check_compute_dtype,
+    default_preprocess,
+    forward,
+    forward_spec,
+    with_compute_dtype,
+)
 from jaxlearn.parallel import batch_sharding, data_mesh, replicated_sharding
 from jaxlearn.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-_COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def default_preprocess(images: jax.Array) -> jax.Array:
-    """uint8 images -> float32 in [0, 1]; float images -> float32 unchanged."""
-    if jnp.issubdtype(images.dtype, jnp.integer):
-        return images.astype(jnp.float32) / 255.0
-    return images.astype(jnp.float32)
+__all__ = [
+    "EvalStep",
+    "TrainStep",
+    "cross_entropy",
+    "default_preprocess",
+    "injected_learning_rate",
+    "l2_penalty",
+    "make_eval_step",
+    "make_train_step",
+]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -60,24 +78,29 @@ def l2_penalty(params: Any) -> jax.Array:
     return 0.5 * sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in jax.tree.leaves(params))
 
 
-def _check_common(preprocess, compute_dtype, label_smoothing=0.0):
+def injected_learning_rate(opt_state: Any) -> jax.Array | None:
+    """The learning rate of the update that produced `opt_state`, if the optimizer exposes it.
+
+    `optax.inject_hyperparams` keeps the hyperparameters of the last update in its
+    state; with several injected learning rates (a partitioned optimizer with
+    per-group rates, as `jaxlearn.transfer.freeze_to` builds) the largest, the
+    head's, is reported. None when no `learning_rate` is injected.
+    """
+    found = [
+        jnp.asarray(s.hyperparams["learning_rate"], jnp.float32)
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
+        if hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams
+    ]
+    return jnp.max(jnp.stack(found)) if found else None
+
+
+def _check_options(preprocess, augment, label_smoothing: float = 0.0) -> None:
     if preprocess is not None and not callable(preprocess):
         raise ValueError(f"preprocess must be callable, got {preprocess!r}")
-    if compute_dtype is not None and jnp.dtype(compute_dtype) not in map(
-        jnp.dtype, _COMPUTE_DTYPES
-    ):
-        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be callable, got {augment!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-
-
-def _cast_floats(tree: Any, dtype) -> Any:
-    """Cast the floating leaves of `tree` to `dtype` (None: unchanged)."""
-    if dtype is None:
-        return tree
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
 
 
 def _weights_and_checks(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.Array]:
@@ -89,28 +112,101 @@ def _weights_and_checks(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.
     return weights, jnp.sum(bad, dtype=jnp.int32)
 
 
-def _learning_rate(learning_rate, step: jax.Array, opt_state: Any) -> jax.Array:
-    """The LR used by the update at `step`.
+class _Compiled:
+    """A pure function of a `TrainState` and a batch, jitted with the state's program static.
 
-    A schedule is read at `step` (the count optax's scale_by_schedule used for
-    this update); a float is itself; with None, the `learning_rate` that
-    `optax.inject_hyperparams` stored in the new optimizer state, else NaN (unknown).
+    The state goes through `programs.split`: its model and optimizer become the
+    (by-value) static argument, its arrays and the optimizer's constants the
+    dynamic ones; the caller's own model and optimizer objects are put back on a
+    returned state.
     """
-    if callable(learning_rate):
-        return jnp.asarray(learning_rate(step), jnp.float32)
-    if learning_rate is not None:
-        return jnp.asarray(learning_rate, jnp.float32)
-    hyper = [
-        s.hyperparams["learning_rate"]
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
-        if hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams
-    ]
-    return jnp.asarray(hyper[0] if hyper else jnp.nan, jnp.float32)
+
+    def __init__(self, fn: Callable, mesh: Mesh | None, *, donate: bool, returns_state: bool):
+        self.fn, self.mesh = fn, mesh or data_mesh()
+        self._returns_state = returns_state
+        self._replicated = replicated = replicated_sharding(self.mesh)
+        self._batch_sharding = batch_sharding(self.mesh)
+        self._placed: dict[int, tuple] = {}
+        self._jitted = jax.jit(
+            self._run,
+            static_argnums=0,
+            in_shardings=(replicated, replicated, self._batch_sharding),
+            out_shardings=(replicated, replicated) if returns_state else replicated,
+            donate_argnums=1 if donate else (),
+        )
+
+    def _run(self, static, data, consts, batch):
+        out = self.fn(programs.merge(static, (data, consts)), batch)
+        if self._returns_state:
+            return programs.strip(out[0]), out[1]
+        return out
+
+    def _args(self, state: TrainState, batch: Batch) -> tuple:
+        static, (data, consts) = programs.split(state)
+        return static, self._on_mesh(data), self._place(consts), self._batch_on_mesh(batch)
+
+    def _on_mesh(self, data: TrainState) -> TrainState:
+        """The state replicated on the mesh, as the step returns it.
+
+        jit compiles a fresh (uncommitted) state and a placed one separately -- the
+        same program twice -- so a fresh state is placed first; a state the step
+        returned (checked on its step counter) passes through untouched.
+        """
+        if getattr(data.step, "sharding", None) == self._replicated:
+            return data
+        return jax.device_put(data, self._replicated)
+
+    def _batch_on_mesh(self, batch: Batch) -> Batch:
+        """Host or unplaced batch arrays split over the mesh (the loader's batches already are)."""
+        return {
+            k: v if getattr(v, "sharding", None) == self._batch_sharding
+            else jax.device_put(v, self._batch_sharding)
+            for k, v in batch.items()
+        }  # fmt: skip
+
+    def _place(self, consts: tuple) -> tuple:
+        """The optimizer's constants replicated on the mesh once, not transferred every step."""
+        if not consts:
+            return consts
+        hit = self._placed.get(id(consts))
+        if hit is None or hit[0] is not consts:
+            if len(self._placed) > programs.CACHE_SIZE:
+                self._placed.clear()
+            hit = self._placed[id(consts)] = (
+                consts,
+                jax.device_put(consts, replicated_sharding(self.mesh)),
+            )
+        return hit[1]
+
+    def trace(self, state: TrainState, batch: Batch):
+        """Trace (not run) the step for `state` and `batch`; nothing is donated."""
+        return self._jitted.trace(*self._args(state, batch))
+
+    def lower(self, state: TrainState, batch: Batch):
+        """The lowered program for `state` and `batch` (to inspect it, or `.compile()`)."""
+        return self._jitted.lower(*self._args(state, batch))
+
+    def cache_size(self) -> int:
+        """How many programs this step has compiled (one per model, optimizer program, shapes)."""
+        return self._jitted._cache_size()
+
+
+class TrainStep(_Compiled):
+    """The jitted train step `(state, batch) -> (state, metrics)` (see `make_train_step`).
+
+    The incoming state's buffers are donated: use the returned state.
+    """
+
+    def __init__(self, fn: Callable, mesh: Mesh | None = None):
+        super().__init__(fn, mesh, donate=True, returns_state=True)
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        new, metrics = self._jitted(*self._args(state, batch))
+        return programs.restore_static(new, state), metrics
 
 
 def make_train_step(
     *,
-    learning_rate: float | optax.Schedule | None = None,
     label_smoothing: float = 0.0,
     weight_decay: float = 0.0,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
@@ -128,36 +224,33 @@ def make_train_step(
     2019) leave this at 0 and put `optax.add_decayed_weights` in the optimizer.
     The reported `loss` is the cross-entropy alone, comparable with eval loss.
 
-    Mixed precision (`compute_dtype=jnp.bfloat16`): the forward and backward
-    passes run on bf16 copies of the parameters and images; logits, loss,
-    BatchNorm statistics, gradients, parameters and optimizer state stay float32.
+    Mixed precision (`compute_dtype=jnp.bfloat16`): the model runs with its
+    `dtype` set to bf16, so every convolution and matmul takes bf16 operands
+    (Flax casts the float32 parameters inside each layer); parameters, their
+    gradients, optimizer state, BatchNorm statistics, logits and loss stay
+    float32. float16 is refused (it needs loss scaling).
 
     Args:
-      learning_rate: the float or `optax.Schedule` the optimizer was built with,
-        read back at the step taken for the `lr` metric; None reads
-        `optax.inject_hyperparams` state if present, else reports NaN.
       label_smoothing: in [0, 1); 0 disables it.
       weight_decay: L2 coefficient (>= 0) added to the loss.
       augment: `(key, images) -> images` applied to the raw batch images before
         `preprocess`, with a key derived from `fold_in(state.rng, state.step)`.
       preprocess: `images -> float images` for the model; default uint8 -> [0, 1].
-      compute_dtype: None/float32, bfloat16 or float16.
+      compute_dtype: None/float32, or bfloat16 (needs a model with a `dtype`).
       mesh: data mesh (default `data_mesh()`): batch split over 'data', state replicated.
       jit: False returns the pure, unjitted function.
 
     Returns:
       `train_step(state, batch) -> (state, metrics)`, metrics being float32
-      scalars `loss`, `accuracy`, `lr` and int32 `bad_labels` (labels outside
-      [0, num_classes), which `fit` turns into an error). The jitted step donates
+      scalars `loss`, `accuracy`, `lr` (when the optimizer injects it, see the
+      module docstring) and int32 `bad_labels` (labels outside [0, num_classes),
+      which `fit` turns into an error). The jitted step (a `TrainStep`) donates
       the incoming state's buffers: do not use `state` after passing it in.
     """
-    _check_common(preprocess, compute_dtype, label_smoothing)
+    _check_options(preprocess, augment, label_smoothing)
+    compute_dtype = check_compute_dtype(compute_dtype)
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if augment is not None and not callable(augment):
-        raise ValueError(f"augment must be callable, got {augment!r}")
-    if learning_rate is not None and not callable(learning_rate):
-        learning_rate = float(learning_rate)
     preprocess = preprocess or default_preprocess
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -165,14 +258,15 @@ def make_train_step(
         images = batch["image"]
         if augment is not None:
             images = augment(aug_key, images)
-        x = _cast_floats(preprocess(images), compute_dtype)
+        x = preprocess(images)
         labels = batch["label"]
+        apply_fn = with_compute_dtype(state.apply_fn, compute_dtype)
 
         def loss_fn(params):
-            variables = {"params": _cast_floats(params, compute_dtype)}
+            variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-            logits, updates = state.apply_fn(
+            logits, updates = apply_fn(
                 variables, x, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
             )
             logits = logits.astype(jnp.float32)
@@ -188,31 +282,40 @@ def make_train_step(
         grads, (loss, accuracy, bad, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # Statistics computed from bf16 activations come back in float32 already; keep the dtype.
+        # BatchNorm statistics are reduced in float32 even from bf16 activations; keep the dtype.
         batch_stats = jax.tree.map(
             lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats
         )
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
-        metrics = {
-            "loss": loss,
-            "accuracy": accuracy,
-            "lr": _learning_rate(learning_rate, state.step, opt_state),
-            "bad_labels": bad,
-        }
+        metrics = {"loss": loss, "accuracy": accuracy, "bad_labels": bad}
+        lr = injected_learning_rate(opt_state)
+        if lr is not None:
+            metrics["lr"] = lr
         return new_state, metrics
 
-    if not jit:
-        return train_step
-    mesh = mesh or data_mesh()
-    replicated = replicated_sharding(mesh)
-    return jax.jit(
-        train_step,
-        in_shardings=(replicated, batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    return TrainStep(train_step, mesh) if jit else train_step
+
+
+class EvalStep(_Compiled):
+    """The jitted eval step `(state, batch) -> metrics` (see `make_eval_step`).
+
+    It reads only the state's model, parameters and BatchNorm statistics, so one
+    compiled program serves every optimizer.
+    """
+
+    def __init__(self, fn: Callable, mesh: Mesh | None = None):
+        super().__init__(fn, mesh, donate=False, returns_state=False)
+
+    def _args(self, state: TrainState, batch: Batch) -> tuple:
+        # Only what evaluation uses: no optimizer in the program key or the arguments.
+        bare = programs.strip(state.replace(opt_state=None))
+        static = (programs.model_key(state.apply_fn), None)
+        return static, self._on_mesh(bare), (), self._batch_on_mesh(batch)
+
+    def __call__(self, state: TrainState, batch: Batch) -> Metrics:
+        return self._jitted(*self._args(state, batch))
 
 
 def make_eval_step(
@@ -225,13 +328,14 @@ def make_eval_step(
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Build the evaluation step: inference-mode forward pass, summed metrics.
 
-    Metrics are sums over the unmasked rows, so batches padded with
+    The forward pass is `jaxlearn.inference.forward`, the one every inference
+    path uses. Metrics are sums over the unmasked rows, so batches padded with
     `mask=False` rows count every real example exactly once; divide the totals
     (`loss_sum / count`, `correct / count`) after the last batch.
 
     Args:
       preprocess: `images -> float images`, the same as for training.
-      compute_dtype: None/float32, bfloat16 or float16 for the forward pass.
+      compute_dtype: None/float32 or bfloat16 for the forward pass.
       with_logits: also return the (N, C) float32 `logits`.
       mesh: data mesh (default `data_mesh()`).
       jit: False returns the pure, unjitted function.
@@ -240,15 +344,15 @@ def make_eval_step(
       `eval_step(state, batch) -> metrics` with float32 `loss_sum`, `correct`,
       `count`, int32 `bad_labels` (and `logits` if asked for).
     """
-    _check_common(preprocess, compute_dtype)
-    preprocess = preprocess or default_preprocess
+    _check_options(preprocess, None)
+    compute_dtype = check_compute_dtype(compute_dtype)
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        x = _cast_floats(preprocess(batch["image"]), compute_dtype)
-        variables = _cast_floats(state.variables, compute_dtype)
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        logits = state.apply_fn(variables, x, train=False).astype(jnp.float32)
+        spec, consts = forward_spec(
+            state.apply_fn, batch["image"], preprocess=preprocess, compute_dtype=compute_dtype,
+            by_value=False,
+        )  # fmt: skip
+        logits = forward(spec, state.variables, consts, batch["image"])
         labels = batch["label"]
         weights, bad = _weights_and_checks(batch, logits.shape[-1])
         metrics = {
@@ -261,7 +365,4 @@ def make_eval_step(
             metrics["logits"] = logits
         return metrics
 
-    if not jit:
-        return eval_step
-    mesh = mesh or data_mesh()
-    return jax.jit(eval_step, in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)))
+    return EvalStep(eval_step, mesh) if jit else eval_step

@@ -42,7 +42,12 @@ from jaxlearn.loop import Callback, fit
 from jaxlearn.models.layers import head
 from jaxlearn.schedules import one_cycle
 from jaxlearn.state import TrainState
-from jaxlearn.steps import default_preprocess, make_eval_step, make_train_step
+from jaxlearn.steps import (
+    default_preprocess,
+    injected_learning_rate,
+    make_eval_step,
+    make_train_step,
+)
 
 # A group starts at each of these top-level modules (fastai's resnet split).
 RESNET_SPLIT = ("layer3", "fc")
@@ -163,7 +168,9 @@ def freeze_to(
 
     Frozen parameters get `optax.set_to_zero()` (no update, no optimizer state);
     group g gets `optimizer(learning_rate * lr_factors[g])`, with schedules
-    scaled pointwise, so every group follows the same schedule shape.
+    scaled pointwise, so every group follows the same schedule shape. Each group's
+    learning rate is injected (`optax.inject_hyperparams`), so the train step
+    reports the rate it used (the head's, the largest).
     `n=0` unfreezes everything; `n=-1` trains only the head.
 
     Args:
@@ -173,7 +180,8 @@ def freeze_to(
       params: its 'params' collection (only the structure is used).
       n: number of leading groups to freeze (negative counts from the end).
       optimizer: `learning_rate -> GradientTransformation`, e.g. `optax.adam` or
-        `functools.partial(optax.sgd, momentum=0.9)`.
+        `functools.partial(optax.sgd, momentum=0.9)`; its argument must be named
+        `learning_rate` for the rate to be reported.
       learning_rate: float or schedule of the last group (the head).
       lr_factors: per-group multipliers, e.g. `discriminative_factors(lo, hi, 3)`;
         default 1 for every group.
@@ -189,8 +197,9 @@ def freeze_to(
     if len(factors) != num_groups or not all(f > 0 for f in factors):
         raise ValueError(f"lr_factors must be {num_groups} positive numbers, got {lr_factors}")
     used = set(jax.tree.leaves(labels))
+    build = optimizer if _injects(optimizer) else optax.inject_hyperparams(optimizer)
     transforms = {
-        f"group{g}": optimizer(_scaled(learning_rate, f))
+        f"group{g}": build(learning_rate=_scaled(learning_rate, f))
         for g, f in enumerate(factors)
         if f"group{g}" in used
     }
@@ -205,6 +214,17 @@ def freeze_to(
         names = sorted(m for m, g in groups.items() if g < frozen) if bn == "eval" else []
         model = model.clone(frozen_bn=tuple(names))
     return model, optax.partition(transforms, labels)
+
+
+def _injects(optimizer: Optimizer) -> bool:
+    """Whether `optimizer(lr)` injects its learning rate already.
+
+    Wrapping such a factory in `optax.inject_hyperparams` again would freeze its
+    rate: the inner injection reads a number from its own state and never sees
+    the outer schedule's new values.
+    """
+    probe = {"w": jnp.zeros((1,), jnp.float32)}
+    return injected_learning_rate(optimizer(learning_rate=1.0).init(probe)) is not None
 
 
 def optimizer_state_size(opt_state: Any) -> int:
@@ -310,15 +330,23 @@ def extract_features(
 
 
 def make_state(
-    model: nn.Module, variables: Mapping, tx: optax.GradientTransformation, key: jax.Array
+    model: nn.Module,
+    variables: Mapping,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    *,
+    step: int = 0,
 ) -> TrainState:
-    """A step-0 `TrainState` from existing (e.g. pretrained) variables and a new optimizer.
+    """A `TrainState` from existing (e.g. pretrained) variables and a new optimizer.
 
     Args:
       model: the model (its `apply` goes into the state).
       variables: `{'params': ..., 'batch_stats': ...}`.
-      tx: the optimizer; its state is initialised here.
+      tx: the optimizer; its state is initialised here (its own count starts at 0,
+        so its schedule starts from the beginning).
       key: PRNG key for dropout and augmentation.
+      step: the state's step count, e.g. where a previous phase of the same run
+        ended, so that checkpoints and history keep one count.
 
     Returns:
       The `TrainState`, holding copies of `variables` (the train step donates its
@@ -328,8 +356,10 @@ def make_state(
         key = jax.random.key_data(key)
     # Copies: the jitted train step donates the state's buffers, the caller keeps theirs.
     params = jax.tree.map(jnp.array, variables["params"])
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
+        step=jnp.asarray(step, jnp.int32),
         params=params,
         batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
         opt_state=tx.init(params),
@@ -385,7 +415,9 @@ def fine_tune(
     at base_lr / 10). Phase 2 (`epochs`): unfrozen, one-cycle with peak
     `base_lr / 2` for the head and learning rates spread geometrically down to
     `base_lr / 2 / lr_mult` for the first group, warm-up `pct_start`, start at
-    peak / `div`. Each phase starts a fresh optimizer state and step count.
+    peak / `div`. Each phase starts a fresh optimizer state (its schedule from the
+    beginning); the step count runs on through both phases, so one `Checkpoint`
+    callback and the history's steps serve the whole run.
     fastai also cycles Adam's momentum (0.95 -> 0.85 -> 0.95); this does not.
 
     Args:
@@ -407,11 +439,12 @@ def fine_tune(
       augment: `(key, images) -> images` for training.
       compute_dtype: e.g. `jnp.bfloat16` for mixed precision.
       eval_data: evaluation loader, evaluated at each epoch's end.
-      callbacks: `jaxlearn.loop` callbacks, given to both phases (step counts restart).
+      callbacks: `jaxlearn.loop` callbacks, given to both phases (one step count).
       progress: show progress bars.
 
     Returns:
-      `(state, {'frozen': history, 'unfrozen': history})`.
+      `(state, {'frozen': history, 'unfrozen': history})`, each phase's own records
+      (the unfrozen phase's steps and epochs continue the frozen phase's).
     """
     if epochs < 1 or freeze_epochs < 0:
         raise ValueError(
@@ -424,7 +457,12 @@ def fine_tune(
     if eval_data is not None:
         eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype)
 
-    def phase(variables, n, n_epochs, schedule, factors, key):
+    # One train step for both phases: each phase's optimizer is its own program.
+    train_step = make_train_step(
+        preprocess=preprocess, augment=augment, compute_dtype=compute_dtype
+    )
+
+    def phase(variables, n, until_epoch, schedule, factors, key, step):
         phase_model, tx = freeze_to(
             model,
             variables["params"],
@@ -435,18 +473,11 @@ def fine_tune(
             split_at=split_at,
             bn=bn,
         )
-        train_step = make_train_step(
-            learning_rate=schedule,
-            preprocess=preprocess,
-            augment=augment,
-            compute_dtype=compute_dtype,
-        )
-        state = make_state(phase_model, variables, tx, key)
         return fit(
-            state,
+            make_state(phase_model, variables, tx, key, step=step),
             train_data,
             train_step=train_step,
-            epochs=n_epochs,
+            epochs=until_epoch,
             eval_data=eval_data,
             eval_step=eval_step,
             callbacks=callbacks,
@@ -454,14 +485,19 @@ def fine_tune(
         )
 
     steps_per_epoch = len(train_data)
-    histories = {}
+    histories, step = {}, 0
     if freeze_epochs:
         schedule = one_cycle(base_lr, freeze_epochs * steps_per_epoch, pct_start=0.99)
         factors = (0.1,) * (num_groups - 1) + (1.0,)  # fastai's slice(base_lr)
-        state, histories["frozen"] = phase(variables, -1, freeze_epochs, schedule, factors, key)
+        state, histories["frozen"] = phase(
+            variables, -1, freeze_epochs, schedule, factors, key, step
+        )
         variables, key = state.variables, jax.random.fold_in(state.rng, 1)
+        step = int(state.step)
     lr = base_lr / 2
     schedule = one_cycle(lr, epochs * steps_per_epoch, pct_start=pct_start, div=div)
     factors = discriminative_factors(lr / lr_mult, lr, num_groups)
-    state, histories["unfrozen"] = phase(variables, 0, epochs, schedule, factors, key)
+    state, histories["unfrozen"] = phase(
+        variables, 0, freeze_epochs + epochs, schedule, factors, key, step
+    )
     return state, histories

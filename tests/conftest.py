@@ -1,5 +1,6 @@
 """Shared test set-up: CPU only, a fixed hypothesis profile, the real-data path."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -71,3 +72,25 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set JAXLEARN_DATA)")
     return path
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Count XLA compilations (JAX's backend-compile events) inside the block.
+
+    Yields a list that gets one entry per compilation: the assertions of the
+    compile-once tests are on `len()` of it after the block.
+    """
+    import jax
+
+    events: list[float] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -19,13 +19,12 @@ def _fit(train, valid, epochs, batch_size):
     model = get_model("mlp", train.num_classes, features=(16,))
     steps = epochs * (len(train) // batch_size)
     schedule = one_cycle(0.05, steps)
-    state = TrainState.create(
-        model, optax.sgd(schedule, momentum=0.9), jax.random.key(0), train.images[:1]
-    )
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)
+    state = TrainState.create(model, tx, jax.random.key(0), train.images[:1])
     return fit(
         state,
         ArrayLoader(train.images, train.labels, batch_size, seed=0),
-        train_step=make_train_step(learning_rate=schedule),
+        train_step=make_train_step(),
         epochs=epochs,
         eval_data=ArrayLoader(valid.images, valid.labels, batch_size, train=False),
         eval_step=make_eval_step(),

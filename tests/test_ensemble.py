@@ -180,7 +180,7 @@ def test_fit_captures_the_state_at_cycle_ends():
     y = np.arange(16, dtype=np.int32) % 3
     schedule = sgdr(0.5, cycle_steps=2, cycle_mult=2, num_cycles=3)
     model = MLP(features=(8,), num_classes=3)
-    step_fn = make_train_step(learning_rate=schedule)
+    step_fn = make_train_step()
     loader = ArrayLoader(x, y, batch_size=4, seed=0)  # 4 steps per epoch
 
     def fresh():

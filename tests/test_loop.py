@@ -1,6 +1,7 @@
 """fit(): history, evaluation, stopping, capture, NaN guard, bad input, exact continuation."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from jaxlearn.checkpoint import Checkpointer
 from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.loop import (
+    Callback,
     CaptureParams,
     Checkpoint,
     NonFiniteLossError,
@@ -141,3 +143,78 @@ def test_bad_batches_and_labels_fail_before_training():
         fit(state, loader, train_step=step, epochs=1, eval_data=loader)
     with pytest.raises(ValueError, match="epochs or steps"):
         fit(state, loader, train_step=step)
+
+
+def test_metrics_are_fetched_every_log_every_steps_not_every_step(monkeypatch):
+    import jaxlearn.loop as loop
+
+    fetched_at, seen_steps = [], []
+    real_get = jax.device_get
+
+    def counting_get(tree):
+        fetched_at.append(len(seen_steps))
+        return real_get(tree)
+
+    class Record(loop.Callback):
+        def on_step_end(self, step, state, metrics, history):
+            seen_steps.append(step)
+
+    monkeypatch.setattr(loop.jax, "device_get", counting_get)
+    state, loader, step = make_run()  # 4 steps per epoch
+    state, history = fit(
+        state, loader, train_step=step, epochs=3, callbacks=[Record()], progress=False,
+        log_every=3,
+    )  # fmt: skip
+    # Fetches (counted in callbacks seen so far): 3 pending steps (before the 3rd's callback),
+    # then the epoch's end after step 4's callback, and so on; never step by step.
+    assert fetched_at == [2, 4, 6, 8, 10, 12]
+    assert seen_steps == list(range(1, 13))  # the host's count, not the device's
+    np.testing.assert_array_equal(history["step"], np.arange(12))  # still every step
+    with pytest.raises(ValueError, match="log_every"):
+        fit(state, loader, train_step=step, epochs=4, log_every=0, progress=False)
+
+
+class _Epochs(Callback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, step, state, history):
+        self.epochs.append((step, history["epoch"][-1]))
+
+
+def test_resume_at_an_epoch_boundary_runs_the_epoch_callbacks(tmp_path):
+    state, loader, step = make_run()
+    ckpt = Checkpointer(tmp_path / "run")
+    # every_steps=4 saves at the epoch's last step, before the epoch's record exists.
+    fit(state, loader, train_step=step, steps=4, callbacks=[Checkpoint(ckpt, every_steps=4)],
+        progress=False)  # fmt: skip
+    restored = ckpt.restore(make_run()[0])
+    assert len(restored["history"]["epoch"]) == 0 and int(restored["state"].step) == 4
+    epochs = _Epochs()
+    _, history = fit(restored["state"], loader, train_step=step, epochs=2,
+                     history=restored["history"], callbacks=[epochs], progress=False)  # fmt: skip
+    assert epochs.epochs == [(4, 0), (8, 1)]  # epoch 0's record, then epoch 1's
+    np.testing.assert_array_equal(history["epoch"], [0, 1])
+
+
+def test_a_checkpoint_directory_never_mixes_two_runs(tmp_path):
+    state, loader, step = make_run()
+    ckpt = Checkpointer(tmp_path)
+    config = {"lr": 0.05}
+    fit(state, loader, train_step=step, steps=4, progress=False,
+        callbacks=[Checkpoint(ckpt, every_steps=2, config=config)])  # fmt: skip
+    assert ckpt.all_steps() == [2, 4]
+    fresh, _, _ = make_run(seed=1)  # another run, from step 0, into the same directory
+    with pytest.raises(ValueError, match="up to step 4, and this run starts at step 0"):
+        fit(fresh, loader, train_step=step, steps=4, progress=False,
+            callbacks=[Checkpoint(ckpt, every_steps=2, config=config)])  # fmt: skip
+    restored = ckpt.restore(make_run()[0])
+    with pytest.raises(ValueError, match="config"):
+        fit(restored["state"], loader, train_step=step, steps=6, progress=False,
+            callbacks=[Checkpoint(ckpt, every_steps=2, config={"lr": 0.1})])  # fmt: skip
+    restored = ckpt.restore(make_run()[0])  # the same run resumes
+    fit(restored["state"], loader, train_step=step, steps=6, history=restored["history"],
+        callbacks=[Checkpoint(ckpt, every_steps=2, config=config)], progress=False)  # fmt: skip
+    assert ckpt.all_steps() == [2, 4, 6]
+    with pytest.raises(ValueError, match="step 6 exists"):  # never deleted to be rewritten
+        ckpt.save(restored["state"].replace(step=jnp.asarray(6)))

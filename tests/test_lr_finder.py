@@ -31,7 +31,7 @@ def _blobs():
 
 
 def _state(tx=None):
-    tx = tx or optax.sgd(0.1, momentum=0.9)
+    tx = tx or optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
     return TrainState.create(Linear(), tx, jax.random.key(0), _blobs()[0]["image"])
 
 
@@ -196,3 +196,61 @@ def test_plot_marks_the_suggestions(tmp_path):
     assert "slide: n/a" in labels and any(t.startswith("valley: ") for t in labels)
     marked = [line for line in ax.get_lines() if line.get_marker() == "o"]
     assert [float(m.get_xdata()[0]) for m in marked] == [out[k].lr for k in RULES if k != "slide"]
+
+
+def _probe(grads):
+    """A step whose "loss" is the head's update on unit gradients, plus 1000x the body's."""
+
+    def step(state, batch):
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        size = -updates["fc"] + 1000 * jnp.abs(updates["body"])
+        return state.replace(opt_state=opt_state, step=state.step + 1), {"loss": size}
+
+    return step
+
+
+def _probe_state(tx):
+    params = {"body": jnp.zeros(()), "fc": jnp.zeros(())}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(0)), apply_fn=None, tx=tx,
+    )  # fmt: skip
+
+
+def test_sweep_uses_the_states_own_optimizer_and_trainable_set():
+    ones = {"body": jnp.ones(()), "fc": jnp.ones(())}
+    sweep = dict(start_lr=1e-3, end_lr=1.0, num_steps=12, stop_factor=1e9)
+    momentum = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5, momentum=0.9)
+    only_head = optax.partition(
+        {"head": momentum, "frozen": optax.set_to_zero()}, {"body": "frozen", "fc": "head"}
+    )
+    # Momentum's trace of unit gradients after i+1 steps is sum_k 0.9^k: the sweep sets the
+    # rate, the state's optimizer keeps its momentum; the frozen body never moves.
+    trace = np.cumsum(0.9 ** np.arange(12))
+    result = lr_find(_probe_state(only_head), _probe(ones), itertools.repeat({}), **sweep)
+    np.testing.assert_allclose(result.losses, result.lrs * trace, rtol=1e-5)
+    # make_tx replaces the optimizer: plain SGD, every parameter trains.
+    result = lr_find(_probe_state(only_head), _probe({"body": jnp.zeros(()), "fc": jnp.ones(())}),
+                     itertools.repeat({}), make_tx=optax.sgd, **sweep)  # fmt: skip
+    np.testing.assert_allclose(result.losses, result.lrs, rtol=1e-5)
+
+
+def test_an_optimizer_that_hides_its_learning_rate_is_refused():
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        lr_find(_state(optax.sgd(0.1)), _step(), itertools.cycle(_blobs()))
+
+
+def test_repeated_sweeps_compile_once():
+    from conftest import count_compilations
+
+    lr_find(_state(), _step(), itertools.cycle(_blobs()), num_steps=12)
+    with count_compilations() as compiled:
+        for end_lr in (1.0, 5.0):  # another table of rates is data, not another program
+            lr_find(_state(), _step(), itertools.cycle(_blobs()), num_steps=12, end_lr=end_lr)
+    assert len(compiled) == 0
+
+
+def test_an_optimizer_at_rate_zero_is_refused():
+    zero = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9)
+    with pytest.raises(ValueError, match="rate 0"):
+        lr_find(_state(zero), _step(), itertools.cycle(_blobs()), num_steps=12)

@@ -5,9 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import count_compilations
 from core_worker import TinyNet, make_run, tiny_data
 
+from jaxlearn import schedules as S
 from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.models import SimpleCNN
 from jaxlearn.state import TrainState
 from jaxlearn.steps import cross_entropy, make_eval_step, make_train_step
 
@@ -108,14 +111,85 @@ def test_dropout_and_augment_keys_follow_step():
     assert float(m1["loss"]) != float(m2["loss"])
 
 
-def test_bf16_compute_keeps_float32_state():
+def test_steps_compile_once_per_program_not_per_optimizer_object():
     images, labels = tiny_data(16)
-    state = TrainState.create(TinyNet(), optax.adam(1e-3), jax.random.key(0), images[:1])
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
-    new, m = make_train_step(compute_dtype=jnp.bfloat16)(state, batch)
-    dtypes = {x.dtype for x in jax.tree.leaves((new.params, new.batch_stats, new.opt_state))}
-    assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
-    assert np.isfinite(float(m["loss"]))
+    sgdr = lambda cycle: S.sgdr(0.1, cycle_steps=cycle, cycle_mult=2, num_cycles=3)
+
+    def state(seed, tx):  # a new model object and a new optimizer object for every run
+        return TrainState.create(TinyNet(), tx, jax.random.key(seed), images[:1])
+
+    sgd = lambda lr: optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=0.9)
+    runs = [state(s, sgd(sgdr(c))) for s, c in ((0, 10), (1, 10), (2, 20), (3, 40))]
+    other = [state(4, optax.adam(1e-3)), state(5, sgd(S.sgdr(0.2, cycle_steps=10)))]
+    step, eval_step = make_train_step(), make_eval_step()
+    step(state(9, sgd(0.1)), batch)  # warm the helpers (PRNG, device puts) outside the count
+    with count_compilations() as compiled:
+        results = [step(s, batch) for s in runs]
+    # Seeds and cycle lengths are data (SGDR's boundaries are arrays): one program.
+    assert len(compiled) == 1
+    with count_compilations() as compiled:
+        trained = [step(s, batch)[0] for s in other]
+    # Another optimizer, or another Python number in the schedule: a program each.
+    assert len(compiled) == 2
+    with count_compilations() as compiled:
+        for s in [*(r for r, _ in results), *trained]:
+            eval_step(s, batch)  # evaluation never sees the optimizer
+    assert len(compiled) == 1
+    # Shared programs still compute each run's own update: the cycle length matters.
+    lrs = [float(m["lr"]) for _, m in results]
+    assert lrs == [float(sgdr(c)(0)) for c in (10, 10, 20, 40)]
+    later = [step(step(r, batch)[0], batch)[1]["lr"] for r, _ in results[1:]]
+    np.testing.assert_allclose(later, [sgdr(c)(2) for c in (10, 20, 40)], rtol=1e-6)
+    assert step.cache_size() == 4  # constant LR (the warm-up), the SGDR runs, Adam, SGDR at 0.2
+
+
+def _op_types(text: str, op: str) -> list[str]:
+    """The operand and result types of every `op` in a lowered StableHLO program."""
+    return [line.rsplit(" : ", 1)[-1] for line in text.splitlines() if f"stablehlo.{op}" in line]
+
+
+def test_bf16_compute_runs_convolutions_and_matmuls_in_bf16():
+    images, labels = tiny_data(16)
+    model = SimpleCNN(widths=(8,), num_classes=3)  # conv, BatchNorm, max-pool, dense head
+    state = TrainState.create(model, optax.adam(1e-3), jax.random.key(0), images[:1])
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    programs = {}
+    for name, dtype in (("f32", None), ("bf16", jnp.bfloat16)):
+        step = make_train_step(compute_dtype=dtype)
+        text = step.lower(state, batch).as_text()
+        programs[name] = {op: _op_types(text, op) for op in ("convolution", "dot_general")}
+    # Forward, input-gradient and kernel-gradient convolutions, and the head's matmuls.
+    assert len(programs["bf16"]["convolution"]) >= 2 and programs["bf16"]["dot_general"]
+    for types in programs["bf16"].values():
+        assert all("bf16" in t and "f32" not in t.split("->")[0] for t in types), types
+    for types in programs["f32"].values():
+        assert all("bf16" not in t for t in types), types
+
+    fresh = lambda: TrainState.create(model, optax.adam(1e-3), jax.random.key(0), images[:1])
+    new, m = make_train_step(compute_dtype=jnp.bfloat16)(fresh(), batch)
+    _, m32 = make_train_step()(fresh(), batch)
+    leaves = jax.tree.leaves((new.params, new.batch_stats, new.opt_state))
+    assert {x.dtype for x in leaves} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    assert m["loss"].dtype == jnp.float32
+    # bf16 keeps 8 bits of mantissa: the loss moves, but not far.
+    assert float(m["loss"]) != float(m32["loss"])
+    np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=2e-2)
+
+
+def test_bf16_eval_step_and_refusals():
+    images, labels = tiny_data(16)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    model = SimpleCNN(widths=(8,), num_classes=3)
+    state = TrainState.create(model, optax.sgd(0.1), jax.random.key(0), images[:1])
+    text = make_eval_step(compute_dtype=jnp.bfloat16).lower(state, batch).as_text()
+    assert all("bf16" in t for t in _op_types(text, "convolution"))
+    with pytest.raises(ValueError, match="loss scaling"):
+        make_train_step(compute_dtype=jnp.float16)
+    # A model without a `dtype` cannot compute in bf16: refused, never silently float32.
+    tiny = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
+    with pytest.raises(ValueError, match="dtype"):
+        make_train_step(compute_dtype=jnp.bfloat16)(tiny, batch)
 
 
 def test_eval_sums_skip_masked_rows_and_count_bad_labels():

@@ -9,11 +9,12 @@ import pytest
 from model_init import numpy_variables
 
 from jaxlearn import transfer
+from jaxlearn.checkpoint import Checkpointer
 from jaxlearn.data.loader import ArrayLoader
-from jaxlearn.loop import CaptureParams
+from jaxlearn.loop import CaptureParams, Checkpoint
 from jaxlearn.models import CifarResNet, get_model
 from jaxlearn.schedules import one_cycle
-from jaxlearn.steps import make_train_step
+from jaxlearn.steps import injected_learning_rate, make_train_step
 
 SPLIT = transfer.CIFAR_RESNET_SPLIT  # stem + layer1 | layer2 + layer3 | fc
 
@@ -73,9 +74,11 @@ def test_frozen_body_holds_no_adam_state():
     model = get_model("mlp", 10)
     _, frozen = transfer.freeze_to(model, params, -1, optax.adam, 1e-3, split_at=("fc",))
     _, unfrozen = transfer.freeze_to(model, params, 0, optax.adam, 1e-3, split_at=("fc",))
-    assert transfer.optimizer_state_size(frozen.init(params)) == 21  # mu, nu of 10 + count
+    # Each group's Adam is injected: 6 scalars (its count, learning_rate, b1, b2, eps,
+    # eps_root) on top of Adam's own count and its mu and nu of the group's weights.
+    assert transfer.optimizer_state_size(frozen.init(params)) == 6 + 21  # mu, nu of 10 + count
     assert transfer.optimizer_state_size(optax.adam(1e-3).init(params)) == 2021
-    assert transfer.optimizer_state_size(unfrozen.init(params)) == 2022  # one count per group
+    assert transfer.optimizer_state_size(unfrozen.init(params)) == 2 * 6 + 2022  # two groups
 
 
 @pytest.mark.parametrize("bn", ["train", "stats"])
@@ -100,12 +103,13 @@ def test_freezing_and_batchnorm_modes(tiny, bn):
     assert not np.array_equal(p0["layer2_0"]["conv1"]["kernel"], p1["layer2_0"]["conv1"]["kernel"])
     assert not np.array_equal(p0["fc"]["kernel"], p1["fc"]["kernel"])
     assert not _same(s0["layer3_0"], s1["layer3_0"])
-    # Optimizer state only for trainable parameters: Adam's mu and nu, plus one count per group.
+    # Optimizer state only for trainable parameters: Adam's mu and nu, plus per group its
+    # count and the 6 injected scalars (count, learning_rate, b1, b2, eps, eps_root).
     labels_tree = transfer.param_labels(variables["params"], 1, split_at=SPLIT, bn=bn)
     leaves = zip(jax.tree.leaves(p0), jax.tree.leaves(labels_tree), strict=True)
     trainable = sum(np.size(p) for p, label in leaves if label != "frozen")
     groups = {label for label in jax.tree.leaves(labels_tree) if label != "frozen"}
-    assert transfer.optimizer_state_size(state.opt_state) == 2 * trainable + len(groups)
+    assert transfer.optimizer_state_size(state.opt_state) == 2 * trainable + 7 * len(groups)
 
 
 def test_eval_mode_freezes_the_frozen_groups_batchnorm(tiny):
@@ -212,7 +216,7 @@ def test_bad_arguments_are_named(tiny):
         )
 
 
-def test_fine_tune_trains_the_head_then_everything(tiny):
+def test_fine_tune_trains_the_head_then_everything(tiny, tmp_path):
     model, variables, _, _ = tiny
     rng = np.random.default_rng(1)
     loader = ArrayLoader(
@@ -220,7 +224,8 @@ def test_fine_tune_trains_the_head_then_everything(tiny):
         rng.integers(0, 3, 16).astype(np.int32),
         8,
     )
-    capture = CaptureParams([2])  # the last step of each phase (2 steps per epoch)
+    capture = CaptureParams([2, 4])  # the last step of each phase (2 steps per epoch)
+    ckpt = Checkpointer(tmp_path)
     state, histories = transfer.fine_tune(
         model,
         variables,
@@ -231,10 +236,15 @@ def test_fine_tune_trains_the_head_then_everything(tiny):
         key=jax.random.key(0),
         split_at=SPLIT,
         bn="eval",
-        callbacks=[capture],
+        callbacks=[capture, Checkpoint(ckpt, every_epochs=1)],
         progress=False,
     )
     frozen, unfrozen = capture.snapshots
+    # One step count through both phases: phase 2 continues, never overwrites, phase 1.
+    assert ckpt.all_steps() == [2, 4]
+    np.testing.assert_array_equal(histories["frozen"]["step"], [0, 1])
+    np.testing.assert_array_equal(histories["unfrozen"]["step"], [2, 3])
+    np.testing.assert_array_equal(histories["unfrozen"]["epoch"], [1])
     p0 = variables["params"]
     assert np.array_equal(
         frozen["params"]["layer2_0"]["conv1"]["kernel"], p0["layer2_0"]["conv1"]["kernel"]
@@ -244,7 +254,22 @@ def test_fine_tune_trains_the_head_then_everything(tiny):
     assert not np.array_equal(
         unfrozen["params"]["conv1"]["kernel"], frozen["params"]["conv1"]["kernel"]
     )
-    assert int(state.step) == 2
+    assert int(state.step) == 4
     # Phase 1 starts at base_lr / 25 (one-cycle div 25); phase 2 at (base_lr / 2) / 5.
     np.testing.assert_allclose(histories["frozen"]["lr"][0], 1e-2 / 25, rtol=1e-5)
     np.testing.assert_allclose(histories["unfrozen"]["lr"][0], 1e-2 / 2 / 5, rtol=1e-5)
+
+
+def test_an_optimizer_that_injects_its_rate_is_not_wrapped_again(tiny):
+    model, variables, _, _ = tiny
+    schedule = optax.linear_schedule(1.0, 0.0, 10)
+    for optimizer in (optax.sgd, optax.inject_hyperparams(optax.sgd)):
+        _, tx = transfer.freeze_to(model, variables["params"], 0, optimizer, schedule,
+                                   split_at=SPLIT)  # fmt: skip
+        params = variables["params"]
+        ones = jax.tree.map(jnp.ones_like, params)
+        state = tx.init(params)
+        for i in range(3):  # the schedule's rate, not one frozen at its first value
+            updates, state = tx.update(ones, state, params)
+            np.testing.assert_allclose(updates["fc"]["bias"], -schedule(i), rtol=1e-6)
+            assert float(injected_learning_rate(state)) == pytest.approx(schedule(i))
