@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlearn.data.augment import tta_views
+from jaxlearn.inference import apply_batched
 from jaxlearn.schedules import CyclicSchedule
-from jaxlearn.steps import default_preprocess
 
 PyTree = Any
 COMBINE = ("prob", "logits")
@@ -66,19 +66,6 @@ def _as_stacked(members: Sequence[PyTree] | PyTree) -> PyTree:
     return stack(members) if isinstance(members, list | tuple) else members
 
 
-def _logits_fn(apply_fn, stacked, views, preprocess, member_batch):
-    """(M members) x (V views of B images) -> (M, V, B, C) float32 logits."""
-
-    def one(variables, x):
-        return apply_fn(variables, preprocess(x), train=False).astype(jnp.float32)
-
-    per_view = jax.vmap(one, in_axes=(None, 0))
-    return jax.lax.map(lambda v: per_view(v, views), stacked, batch_size=member_batch)
-
-
-_logits_jit = jax.jit(_logits_fn, static_argnames=("apply_fn", "preprocess", "member_batch"))
-
-
 def member_logits(
     apply_fn: Callable[..., jax.Array],
     members: Sequence[PyTree] | PyTree,
@@ -91,9 +78,9 @@ def member_logits(
 ) -> np.ndarray:
     """Logits of every member on every view of every image, shape (M, V, N, C).
 
-    The members run in one compiled program, vmapped ``member_batch`` at a time
-    (`jax.lax.map`); images go through in chunks of ``batch_size`` (the last one
-    zero-padded, so every chunk reuses the same program).
+    One compiled program runs the members (vmapped ``member_batch`` at a time) over
+    chunks of ``batch_size`` images: `jaxlearn.inference.apply_batched`, the
+    primitive under every inference path.
 
     Args:
       apply_fn: ``apply_fn(variables, x, train=False) -> logits``.
@@ -103,37 +90,20 @@ def member_logits(
         ``preprocess`` (e.g. `jaxlearn.data.augment.tta_views`); None: one view, V = 1.
       batch_size: images per chunk.
       preprocess: ``images -> float images``, as in training (default uint8 -> [0, 1]).
-      member_batch: members vmapped at once. None: all M on an accelerator, 1 on CPU
-        (members in sequence inside the one program), because vmapping convolutions
-        over members makes them grouped convolutions, which XLA:CPU runs slowly: on
-        ResNet-20 with M = 5, vmap was 5x slower than a Python loop of M jitted applies
-        and sequence 1.5x faster (benchmarks/results/ensemble.json).
+      member_batch: members vmapped at once; None: all of them on an accelerator, one
+        at a time on CPU (see `jaxlearn.inference.apply_batched`).
 
     Returns:
       A float32 NumPy array (M, V, N, C).
+
+    Raises:
+      ValueError: bad arguments, or images that do not fit the model (naming their shape).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if member_batch is not None and member_batch < 1:
-        raise ValueError(f"member_batch must be >= 1 or None, got {member_batch}")
-    n = len(images)
-    if n == 0:
-        raise ValueError("images must hold at least one image")
-    stacked = _as_stacked(members)
-    preprocess = preprocess or default_preprocess
-    views_fn = views_fn or (lambda x: x[None])
-    if member_batch is None:
-        member_batch = 1 if jax.default_backend() == "cpu" else num_members(stacked)
-    at_once = min(member_batch, num_members(stacked))
-    chunk = min(batch_size, n)
-    out = []
-    for start in range(0, n, chunk):
-        x = jnp.asarray(images[start : start + chunk])
-        pad = chunk - len(x)
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        logits = _logits_jit(apply_fn, stacked, views_fn(x), preprocess, at_once)
-        out.append(np.asarray(logits[:, :, : chunk - pad]))
-    return np.concatenate(out, axis=2)
+    logits = apply_batched(
+        apply_fn, _as_stacked(members), images, batch_size=batch_size, preprocess=preprocess,
+        views_fn=views_fn, stacked=True, member_batch=member_batch,
+    )  # fmt: skip
+    return logits if views_fn is not None else logits[:, None]
 
 
 def _check_combine(combine: str) -> None:

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlearn.inference import forward, forward_spec, map_batches
+
 PyTree = Any
 
 
@@ -156,8 +158,9 @@ def dataset_loss(
       variables: ``{'params': ..., 'batch_stats': ...}`` (batch_stats optional).
       images: NHWC (or (N, features)) inputs.
       labels: int labels, shape (N,).
-      batch_size: examples per forward pass; None does all N at once. The last chunk is
-        zero-padded and the padded rows get weight 0, so every example counts once.
+      batch_size: examples per forward pass; None does all N at once. The chunks run
+        one after another (`jaxlearn.inference.map_batches`: the last one zero-padded,
+        its padding dropped), so every example counts once.
       preprocess: applied to each chunk before the model (e.g. uint8 -> float in [0, 1]).
 
     Returns:
@@ -166,25 +169,19 @@ def dataset_loss(
     n = images.shape[0]
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
-    prep = preprocess or (lambda x: x)
-    if batch_size is None or batch_size >= n:
-        logits = apply_fn(variables, prep(images), train=False)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = -(-n // batch_size)
-    pad = chunks * batch_size - n
-    x = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
-    y = jnp.pad(labels, (0, pad))
-    w = (jnp.arange(chunks * batch_size) < n).astype(jnp.float32)
+    # Inside jit and vmap: the pure forward pass, by identity (no program cache in a trace).
+    spec, consts = forward_spec(
+        apply_fn, images, preprocess=preprocess or (lambda x: x), by_value=False
+    )
 
-    def chunk_loss(xyw):
-        xb, yb, wb = xyw
-        logits = apply_fn(variables, prep(xb), train=False)
-        return jnp.sum(wb * optax.softmax_cross_entropy_with_integer_labels(logits, yb))
+    def per_example(chunk):
+        x, y = chunk
+        logits = forward(spec, variables, consts, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-    shaped = jax.tree.map(lambda a: a.reshape(chunks, batch_size, *a.shape[1:]), (x, y, w))
-    return jnp.sum(jax.lax.map(chunk_loss, shaped)) / n
+    return jnp.mean(map_batches(per_example, (images, labels), batch_size))
 
 
 def generalization_gap(

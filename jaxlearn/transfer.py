@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from jaxlearn.inference import apply_batched
 from jaxlearn.loop import Callback, fit
 from jaxlearn.models.layers import head
 from jaxlearn.schedules import one_cycle
@@ -303,30 +304,18 @@ def extract_features(
       model: a model accepting `features_only=True`.
       variables: its variables.
       images: (N, H, W, C) uint8 or float images.
-      batch_size: images per forward pass (the last batch is padded, so one
-        compilation serves all).
+      batch_size: images per forward pass (`jaxlearn.inference.apply_batched`: the
+        last batch is padded, so one compilation serves all).
       preprocess: `images -> float images`, as for training (default uint8 -> [0, 1];
         `jaxlearn.pretrained.imagenet_normalize` for ImageNet weights).
 
     Returns:
       (N, D) float32 NumPy array.
     """
-    images = np.asarray(images)
-    if images.ndim < 2 or len(images) == 0:
-        raise ValueError(f"images must be a non-empty (N, ...) array, got shape {images.shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    @jax.jit
-    def features(batch):
-        return model.apply(variables, preprocess(batch), train=False, features_only=True)
-
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        padded = np.concatenate([batch, np.zeros_like(images[: batch_size - len(batch)])])
-        out.append(np.asarray(features(padded))[: len(batch)])
-    return np.concatenate(out).astype(np.float32)
+    return apply_batched(
+        model.apply, variables, images, batch_size=batch_size, preprocess=preprocess,
+        features_only=True,
+    )  # fmt: skip
 
 
 def make_state(

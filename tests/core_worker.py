@@ -87,10 +87,14 @@ def _flat(tree, prefix):
 
 
 def steps_run(out: str, steps: int = 6) -> None:
-    """Run `steps` train steps on all visible devices; save losses, params, batch_stats."""
+    """Run `steps` train steps on all visible devices; save losses, params, batch_stats,
+    and the trained model's logits and evaluation on 13 held-out images (padded chunks)."""
     import jax
 
     from jaxlearn.data.loader import ArrayLoader
+    from jaxlearn.inference import apply_batched
+    from jaxlearn.loop import evaluate
+    from jaxlearn.steps import make_eval_step
 
     state, loader, step = make_run()
     losses = []
@@ -104,10 +108,17 @@ def steps_run(out: str, steps: int = 6) -> None:
         indivisible = ""
     except ValueError as e:
         indivisible = str(e)
+    held_images, held_labels = tiny_data(13, seed=2)
+    # batch 5: chunks of 5 on one device, of 8 on eight (rounded up), of 3 + 3 on two processes
+    logits = apply_batched(state.apply_fn, state.variables, held_images, batch_size=5)
+    held = ArrayLoader(held_images, held_labels, 2 * len(jax.devices()), train=False)
+    result = evaluate(state, held, make_eval_step())
     if jax.process_index() == 0:
         gathered = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
         np.savez(
             out,
+            logits=logits,
+            eval_loss=result["loss"],
             losses=np.asarray(losses),
             num_devices=len(jax.devices()),
             indivisible=indivisible,

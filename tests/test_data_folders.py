@@ -151,6 +151,28 @@ def test_class_indices_agree_across_splits_and_unknown_class_is_an_error(tmp_pat
     assert valid.labels.tolist() == [1, 2]  # b and c keep the training indices
     with pytest.raises(ValueError, match=r"\['d'\]"):
         _load(tmp_path, "test", class_names=train.class_names)
+    # Without class_names, a split beside ROOT/train takes train's names: the same labels.
+    assert _load(tmp_path, "valid").labels.tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"\['d'\]"):
+        _load(tmp_path, "test")
+
+
+def test_workers_default_without_sched_getaffinity(tmp_path, monkeypatch):
+    _solid(tmp_path / "train" / "a" / "x.png", RED)
+    monkeypatch.delattr(folders.os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.delattr(folders.os, "process_cpu_count", raising=False)  # before Python 3.13
+    assert folders.available_cpus() >= 1
+    data = load_image_folder(tmp_path, "train", 8, cache=False, progress=False)
+    assert data.labels.tolist() == [0]
+
+
+def test_importing_the_data_package_does_not_import_tensorflow_datasets():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxlearn.data; print('tensorflow_datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_missing_paths_and_empty_data_are_clear_errors(tmp_path):

@@ -19,7 +19,6 @@ from jaxlearn.data import (
     load_mnist,
     load_tfds,
 )
-from jaxlearn.data import tfds as tfds_source
 
 
 def _write_idx(path, array, magic, compress):
@@ -120,9 +119,9 @@ def fake_tensorflow(monkeypatch):
 
 def test_tensorflow_sees_no_gpu_before_tfds_builds_anything(fake_tensorflow, monkeypatch):
     events = fake_tensorflow  # the fake records its calls here; the builder call follows
-    real_builder = tfds_source.tfds.builder
+    real_builder = tfds.builder  # the module the loader imports when it is called
     monkeypatch.setattr(
-        tfds_source.tfds,
+        tfds,
         "builder",
         lambda *a, **k: events.append("builder") or real_builder(*a, **k),
     )

@@ -93,3 +93,39 @@ def test_bad_arguments_raise():
         train_many(
             states, images, labels + 5, train_step=make_train_step(jit=False), seeds=SEEDS, **kw
         )
+
+
+def test_the_data_is_on_the_device_once_however_many_models(monkeypatch):
+    import jaxlearn.multiseed as multiseed
+
+    images, labels = _data()
+    copies = []
+    run_epoch = multiseed._run_epoch
+
+    def counting(*args):
+        copies.append(sum(a.shape == images.shape for a in jax.live_arrays()))
+        return run_epoch(*args)
+
+    monkeypatch.setattr(multiseed, "_run_epoch", counting)
+    states = init_many(MODEL, TX, jax.random.split(jax.random.key(0), 8), images[:1])
+    train_many(states, images, labels, train_step=make_train_step(jit=False), batch_size=8,
+               seeds=range(8), epochs=2)  # fmt: skip
+    assert copies == [1, 1]  # 8 models, one copy of the images
+
+
+def test_new_optimizer_objects_reuse_the_compiled_programs():
+    from conftest import count_compilations
+
+    images, labels = _data()
+    step = make_train_step(jit=False)  # one step function: a program per model and optimizer
+
+    def run():  # a new model and optimizer object, as a script makes per group of seeds
+        model, tx = MLP(features=(8,), num_classes=3), optax.sgd(0.3, momentum=0.9)
+        states = init_many(model, tx, _keys(), images[:1])
+        return train_many(states, images, labels, train_step=step, batch_size=8, seeds=SEEDS,
+                          epochs=1)  # fmt: skip
+
+    run()
+    with count_compilations() as compiled:
+        run()
+    assert len(compiled) == 0

@@ -46,12 +46,13 @@ def load_image_folder(
 ) -> ImageArrays:
     """Load ROOT/SPLIT/CLASS/* as (N, size, size, 3) uint8 images with integer labels.
 
-    Class names are the sub-folder names of ROOT/SPLIT, sorted. To give each
-    class the same index in every split, load the training split first and
-    pass its `class_names` when loading the others: a class folder that is not
-    among them is an error (it would otherwise get a wrong label), while a
-    class missing from this split is fine (it simply has no examples here).
-    An empty class folder keeps its index and is named in the warning.
+    Class names are the sorted sub-folder names of ROOT/train -- for every split,
+    when ROOT/train exists, so that each class has the same index in every split
+    (a validation folder lacking a class would otherwise shift the labels of the
+    others) -- else of ROOT/SPLIT; `class_names` overrides them. A class folder
+    that is not among the names is an error (it would get a wrong label), while a
+    class missing from this split is fine (it simply has no examples here). An
+    empty class folder keeps its index and is named in the warning.
 
     Every file is read (hidden files, whose names start with '.', are
     ignored); images of any mode become RGB (see `images.to_rgb`: alpha is
@@ -71,7 +72,7 @@ def load_image_folder(
       resize: 'crop' (default): shortest side to `size`, then the centre
         square; 'squash': both sides to `size`, distorting the aspect ratio.
       class_names: the classes in label order, e.g. `train.class_names`;
-        None: the sorted sub-folders of ROOT/SPLIT.
+        None: the sorted sub-folders of ROOT/train if it exists, else of ROOT/SPLIT.
       cache_dir: where decoded arrays are cached; None: $JAXLEARN_CACHE or
         ~/.cache/jaxlearn.
       cache: False to neither read nor write the cache.
@@ -90,6 +91,9 @@ def load_image_folder(
     if workers is not None and (isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
     folder = _split_folder(root, split)
+    train = Path(root, "train")
+    if class_names is None and split != "train" and train.is_dir():
+        class_names = _class_folders(train)
     names, paths, labels, report = _scan(folder, class_names)
     if not paths:
         raise ValueError(f"no image files in {folder} (class folders: {list(names)})")
@@ -123,6 +127,15 @@ def load_image_folder(
     return ImageArrays(images, labels, names)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, else all of them)."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+, every OS
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _split_folder(root: str | os.PathLike, split: str) -> Path:
     """ROOT/SPLIT, or FileNotFoundError naming what is missing (and the splits there are)."""
     root = Path(root)
@@ -144,8 +157,7 @@ def _scan(
 
     The report: 'total' files seen, 'skipped' counts by reason, 'empty_classes'.
     """
-    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=_name)
-    found = [e.name for e in entries if e.is_dir()]
+    found = _class_folders(folder)
     if class_names is None:
         names = tuple(found)
     else:
@@ -159,7 +171,7 @@ def _scan(
                 "their images would get no label or a wrong one. Pass the class names of "
                 "the training split only if every split has the same classes."
             )
-    loose = sum(1 for e in entries if e.is_file())
+    loose = sum(1 for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
     index = {n: i for i, n in enumerate(names)}
     paths, labels, empty = [], [], []
     for name in found:
@@ -174,8 +186,9 @@ def _scan(
     return names, paths, labels, {**report, "empty_classes": empty}
 
 
-def _name(entry: os.DirEntry) -> str:
-    return entry.name
+def _class_folders(folder: Path) -> list[str]:
+    """The class sub-folders of a split folder, sorted (hidden ones ignored)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
 def _stat(path: str) -> list[int]:
@@ -194,7 +207,7 @@ def _decode_all(
     def work(chunk: range) -> tuple[range, list[np.ndarray | str]]:
         return chunk, [decode_file(paths[i], size, resize) for i in chunk]
 
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or available_cpus()
     # PIL only warns between MAX_IMAGE_PIXELS and twice that; make it an error
     # here so that such a file is skipped as a bomb like the larger ones.
     # (The filter is process-wide while the pool runs: worker threads see it.)

@@ -116,7 +116,7 @@ class ArrayLoader:
         """Example indices of `epoch`, in the order they are served (pure in seed, epoch)."""
         if not self.train:
             return np.arange(self.num_examples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        return epoch_order(self.seed, epoch, self.num_examples)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         """Yield the batches of `epoch` from `start_step` on, sharded on the mesh.
@@ -150,6 +150,11 @@ class ArrayLoader:
     def __iter__(self) -> Iterator[dict]:
         """The batches of epoch 0 (for evaluation loaders)."""
         return self.epoch(0)
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The shuffle of a training epoch: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 def _take(images: jax.Array, labels: jax.Array, idx: jax.Array, valid, train: bool) -> dict:

@@ -19,7 +19,6 @@ import os
 import warnings
 
 import numpy as np
-import tensorflow_datasets as tfds
 from tqdm.auto import tqdm
 
 from jaxlearn.data.arrays import ImageArrays
@@ -91,6 +90,9 @@ def load_tfds(
     """
     if size is not None:
         check_resize(size, resize)
+    # Imported here: tensorflow_datasets takes ~2 s to import, and only this loader needs it.
+    import tensorflow_datasets as tfds
+
     hide_gpus_from_tensorflow()
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
