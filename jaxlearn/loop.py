@@ -219,6 +219,17 @@ class Checkpoint(Callback):
 
 
 @jax.jit
+def _stack(metrics: list[dict]) -> dict:
+    """Many steps' metrics as one array per name, so a fetch is one transfer per name.
+
+    Fetching 50 steps x 4 scalars one by one cost 1.4 ms on CPU (28 us a step, a
+    fifth of a small MLP's step, benchmarks/bench_fit.py); on a GPU each is a copy.
+    Compiled once per number of steps fetched (log_every, and epoch remainders).
+    """
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+
+@jax.jit
 def _all_finite(tree) -> jax.Array:
     """Whether every float in `tree` is finite: one scalar back instead of the whole tree."""
     return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
@@ -402,7 +413,8 @@ def fit(
         """Bring the pending steps' metrics to the host, check them, record them."""
         if not pending:
             return
-        records = jax.device_get([m for _, m, _ in pending])
+        stacked = jax.device_get(_stack([m for _, m, _ in pending]))
+        records = [{k: v[j] for k, v in stacked.items()} for j in range(len(pending))]
         for (i, _, _), m in zip(pending, records, strict=True):
             if m.pop("bad_labels", 0):
                 raise ValueError(f"labels outside the model's classes in the batch of step {i}")

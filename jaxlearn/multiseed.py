@@ -55,32 +55,31 @@ def init_many(
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def _run_epoch(train_step: Step, static, data, consts, images, labels, order):
+def _run_epoch(train_step: Step, static, fields, consts, images, labels, order):
     """Every model trains on its own order (N, steps, batch) of the shared examples.
 
     `static` and `consts` are the models' shared program (`jaxlearn.programs`): new
     optimizer objects of the same kind reuse this compilation.
     """
 
-    def run(model_data, model_order):
+    def run(model_fields, model_order):
         def body(st, idx):
-            new, metrics = train_step(st, {"image": images[idx], "label": labels[idx]})
-            return new, metrics
+            return train_step(st, {"image": images[idx], "label": labels[idx]})
 
-        state = programs.merge(static, (model_data, consts))
+        state = programs.merge(static, model_fields, consts)
         state, metrics = jax.lax.scan(body, state, model_order)
-        return programs.strip(state), metrics
+        return programs.arrays(state), metrics
 
-    return jax.vmap(run)(data, order)
+    return jax.vmap(run)(fields, order)
 
 
-def _split_stacked(states: TrainState) -> tuple:
-    """`programs.split` for stacked states: the optimizer's program is one model's."""
+def _static_of_stacked(states: TrainState) -> tuple:
+    """`programs.static_of` and `consts_of` for stacked states: one model's program."""
     one = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (states.params, states.opt_state)
     )
     tx_key, consts = programs.optimizer_program(states.tx, one[1], one[0])
-    return (programs.model_key(states.apply_fn), tx_key), programs.strip(states), consts
+    return (programs.model_key(states.apply_fn), tx_key), consts
 
 
 def train_many(
@@ -138,9 +137,10 @@ def train_many(
         orders = [epoch_order(int(s), epoch, len(images)) for s in seeds]
         order = np.stack([o[: steps * batch_size] for o in orders])
         order = jnp.asarray(order.reshape(n_models, steps, batch_size), jnp.int32)
-        static, data, consts = _split_stacked(states)
-        data, metrics = _run_epoch(train_step, static, data, consts, x, y, order)
-        states = programs.restore_static(data, states)
+        static, consts = _static_of_stacked(states)
+        fields, metrics = _run_epoch(train_step, static, programs.arrays(states), consts, x, y,
+                                     order)  # fmt: skip
+        states = programs.with_arrays(fields, states)
         metrics = jax.device_get(metrics)
         if np.any(metrics.get("bad_labels", 0)):
             raise ValueError(f"labels outside the model's classes in epoch {epoch}")

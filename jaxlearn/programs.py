@@ -21,8 +21,9 @@ Here the static part of a state becomes a value:
 A function that prints an object's identity into its jaxpr (a callback, a custom
 derivative) simply gets a key of its own: a cache miss, never a wrong program.
 An optimizer that cannot be traced on its own (one that needs extra arguments) is
-keyed by identity, as before. `split` and `merge` are what jitted entry points use
-to pass a state through `jax.jit` with this key as the static argument.
+keyed by identity, as before. `static_of`, `arrays`, `consts_of` and `merge` are
+what jitted entry points use to pass a state through `jax.jit` with its keys as the
+static argument.
 """
 
 from __future__ import annotations
@@ -182,30 +183,38 @@ def bind_optimizer(key: Keyed, consts: tuple) -> optax.GradientTransformation:
     return optax.GradientTransformation(_no_init, bind(key, consts))
 
 
-def split(state: TrainState) -> tuple[tuple[Keyed, Keyed], tuple[TrainState, tuple]]:
-    """A state as `(static, dynamic)` for `jax.jit`: value keys, and arrays.
+def static_of(state: TrainState) -> tuple[Keyed, Keyed]:
+    """The static part of a state for `jax.jit`: its model and optimizer program keys.
 
-    `static` is hashable and equal for states of equal models and optimizer
-    programs; `dynamic` is the state without its model and optimizer, plus the
-    optimizer's constants. `merge` inverts it inside the trace.
+    Hashable, and equal for states of equal models and optimizer programs.
     """
-    tx_key, consts = optimizer_program(state.tx, state.opt_state, state.params)
-    return (model_key(state.apply_fn), tx_key), (state.replace(apply_fn=None, tx=None), consts)
+    tx_key, _ = optimizer_program(state.tx, state.opt_state, state.params)
+    return model_key(state.apply_fn), tx_key
 
 
-def merge(static: tuple[Keyed, Keyed], dynamic: tuple[TrainState, tuple]) -> TrainState:
-    """The state `split` took apart (inside a trace: the optimizer runs from its program)."""
+def consts_of(state: TrainState) -> tuple:
+    """The arrays the state's optimizer closes over (data for its program)."""
+    return optimizer_program(state.tx, state.opt_state, state.params)[1]
+
+
+def arrays(state: TrainState) -> tuple:
+    """The state's arrays alone: (step, params, batch_stats, opt_state, rng)."""
+    return state.step, state.params, state.batch_stats, state.opt_state, state.rng
+
+
+def merge(static: tuple[Keyed, Keyed | None], fields: tuple, consts: tuple) -> TrainState:
+    """The state rebuilt in a trace from `static_of`, `arrays` and `consts_of`.
+
+    Its optimizer runs from its program with these constants; a None optimizer
+    key (an evaluation) leaves it out.
+    """
+    from jaxlearn.state import TrainState
+
     model, tx_key = static
-    data, consts = dynamic
     tx = None if tx_key is None else bind_optimizer(tx_key, consts)
-    return data.replace(apply_fn=model.value, tx=tx)
+    return TrainState(*fields, apply_fn=model.value, tx=tx)
 
 
-def strip(state: TrainState) -> TrainState:
-    """The state's arrays alone (what a compiled step returns before `restore_static`)."""
-    return state.replace(apply_fn=None, tx=None)
-
-
-def restore_static(data: TrainState, like: TrainState) -> TrainState:
-    """`data` with the caller's own model and optimizer objects put back."""
-    return data.replace(apply_fn=like.apply_fn, tx=like.tx)
+def with_arrays(fields: tuple, like: TrainState) -> TrainState:
+    """A state of these arrays with the model and optimizer objects of `like`."""
+    return type(like)(*fields, apply_fn=like.apply_fn, tx=like.tx)

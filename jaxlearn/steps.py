@@ -115,10 +115,11 @@ def _weights_and_checks(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.
 class _Compiled:
     """A pure function of a `TrainState` and a batch, jitted with the state's program static.
 
-    The state goes through `programs.split`: its model and optimizer become the
-    (by-value) static argument, its arrays and the optimizer's constants the
-    dynamic ones; the caller's own model and optimizer objects are put back on a
-    returned state.
+    The state enters `jax.jit` as its program keys (`programs.static_of`: the model
+    and optimizer by value, the static argument), its arrays and its optimizer's
+    constants; the caller's own model and optimizer objects are put back on a
+    returned state. A state this object returned comes back with its keys cached
+    (checked by identity), so a training loop pays no key lookup per step.
     """
 
     def __init__(self, fn: Callable, mesh: Mesh | None, *, donate: bool, returns_state: bool):
@@ -127,6 +128,8 @@ class _Compiled:
         self._replicated = replicated = replicated_sharding(self.mesh)
         self._batch_sharding = batch_sharding(self.mesh)
         self._placed: dict[int, tuple] = {}
+        # What the last returned state was made of: (tx, apply_fn, params, opt_state), keys, consts.
+        self._last: tuple = ((None,) * 4, None, None)
         self._jitted = jax.jit(
             self._run,
             static_argnums=0,
@@ -135,26 +138,42 @@ class _Compiled:
             donate_argnums=1 if donate else (),
         )
 
-    def _run(self, static, data, consts, batch):
-        out = self.fn(programs.merge(static, (data, consts)), batch)
+    def _run(self, static, fields, consts, batch):
+        out = self.fn(programs.merge(static, fields, consts), batch)
         if self._returns_state:
-            return programs.strip(out[0]), out[1]
+            return programs.arrays(out[0]), out[1]
         return out
 
     def _args(self, state: TrainState, batch: Batch) -> tuple:
-        static, (data, consts) = programs.split(state)
-        return static, self._on_mesh(data), self._place(consts), self._batch_on_mesh(batch)
+        (tx, apply_fn, params, opt_state), static, consts = self._last
+        if (
+            state.params is params
+            and state.opt_state is opt_state
+            and state.tx is tx
+            and state.apply_fn is apply_fn
+        ):
+            fields = programs.arrays(state)  # the state this step returned: placed, same keys
+        else:
+            static = programs.static_of(state)
+            consts = self._place(programs.consts_of(state))
+            fields = self._on_mesh(programs.arrays(state))
+            self._last = ((None,) * 4, static, consts)
+        return static, fields, consts, self._batch_on_mesh(batch)
 
-    def _on_mesh(self, data: TrainState) -> TrainState:
-        """The state replicated on the mesh, as the step returns it.
+    def _returned(self, new: TrainState) -> None:
+        """Remember the state just returned: its next call skips the key lookup."""
+        self._last = ((new.tx, new.apply_fn, new.params, new.opt_state), *self._last[1:])
+
+    def _on_mesh(self, fields: tuple) -> tuple:
+        """The state's arrays replicated on the mesh, as the step returns them.
 
         jit compiles a fresh (uncommitted) state and a placed one separately -- the
-        same program twice -- so a fresh state is placed first; a state the step
-        returned (checked on its step counter) passes through untouched.
+        same program twice -- so a fresh state is placed first; a placed state
+        (checked on its step counter) passes through untouched.
         """
-        if getattr(data.step, "sharding", None) == self._replicated:
-            return data
-        return jax.device_put(data, self._replicated)
+        if getattr(fields[0], "sharding", None) == self._replicated:
+            return fields
+        return jax.device_put(fields, self._replicated)
 
     def _batch_on_mesh(self, batch: Batch) -> Batch:
         """Host or unplaced batch arrays split over the mesh (the loader's batches already are)."""
@@ -201,8 +220,10 @@ class TrainStep(_Compiled):
         super().__init__(fn, mesh, donate=True, returns_state=True)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        new, metrics = self._jitted(*self._args(state, batch))
-        return programs.restore_static(new, state), metrics
+        fields, metrics = self._jitted(*self._args(state, batch))
+        new = programs.with_arrays(fields, state)
+        self._returned(new)
+        return new, metrics
 
 
 def make_train_step(
@@ -310,9 +331,9 @@ class EvalStep(_Compiled):
 
     def _args(self, state: TrainState, batch: Batch) -> tuple:
         # Only what evaluation uses: no optimizer in the program key or the arguments.
-        bare = programs.strip(state.replace(opt_state=None))
+        fields = (state.step, state.params, state.batch_stats, None, state.rng)
         static = (programs.model_key(state.apply_fn), None)
-        return static, self._on_mesh(bare), (), self._batch_on_mesh(batch)
+        return static, self._on_mesh(fields), (), self._batch_on_mesh(batch)
 
     def __call__(self, state: TrainState, batch: Batch) -> Metrics:
         return self._jitted(*self._args(state, batch))

@@ -1,0 +1,130 @@
+"""fit() against a bare loop over the same jitted step and batches: what the loop costs.
+
+`jaxlearn.loop.fit` adds the history, the progress bar, evaluation hooks, callbacks
+and NaN / label checks around the train step. It must not add waiting: the device
+(here the CPU's XLA runtime) runs the steps asynchronously, and a loop that fetches
+every step's metrics to the host stalls that queue. Side by side in one process,
+alternating run by run so both see the same load:
+  - bare: `for batch in loader.epoch(e): state, metrics = step(state, batch)`, blocking
+    once at the end;
+  - fit: `fit(..., progress=False)` over the same epochs;
+  - fit_bar: the same with the tqdm progress bar.
+Two models: an MLP (784-64-10) at batch 32, where a step takes ~0.1 ms and dispatch is
+the whole cost (the case where a per-step host sync shows most), and `cnn_small` (the
+dogs-vs-cats network) at 64 px, batch 32. Compilation is excluded (a warm-up run of
+each); `--repeats` runs of each, medians reported, and `ratio` = bare time / fit time
+(1.0: fit costs nothing). Writes benchmarks/results/fit.json.
+
+    python benchmarks/bench_fit.py            # 5 repeats
+    python benchmarks/bench_fit.py --quick    # smoke run, 2 repeats of a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.loop import fit
+from jaxlearn.models import get_model
+from jaxlearn.runs import environment
+from jaxlearn.state import TrainState
+from jaxlearn.steps import make_train_step
+
+REPO = Path(__file__).resolve().parents[1]
+# name -> (model, image shape, steps per epoch, epochs per timed run)
+CASES = {
+    "mlp_b32": (lambda: get_model("mlp", 10, features=(64,)), (28, 28, 1), 400, 2),
+    "cnn_small_64px_b32": (lambda: get_model("cnn_small", 2), (64, 64, 3), 20, 1),
+}
+BATCH = 32
+
+
+def run_case(name: str, repeats: int, quick: bool) -> dict:
+    """Median seconds of bare / fit / fit_bar over the same epochs, alternating."""
+    make_model, shape, steps, epochs = CASES[name]
+    steps = min(steps, 8) if quick else steps
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (steps * BATCH, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 2, steps * BATCH).astype(np.int32)
+    loader = ArrayLoader(images, labels, BATCH, seed=0)
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.01, momentum=0.9)
+    step = make_train_step()
+
+    def fresh():
+        return TrainState.create(make_model(), tx, jax.random.key(0), images[:1])
+
+    def bare():
+        state = fresh()
+        for epoch in range(epochs):
+            for batch in loader.epoch(epoch):
+                state, metrics = step(state, batch)
+        return jax.block_until_ready((state, metrics))
+
+    def with_fit(progress):
+        def run():
+            state, history = fit(fresh(), loader, train_step=step, epochs=epochs, progress=progress)
+            return jax.block_until_ready(state), history
+
+        return run
+
+    runners = {"bare": bare, "fit": with_fit(False), "fit_bar": with_fit(True)}
+    for run in runners.values():  # warm-up: compile everything once
+        run()
+    times = {k: [] for k in runners}
+    for _ in range(repeats):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    n = steps * epochs
+    return {
+        "steps": n,
+        "batch": BATCH,
+        "median_s": medians,
+        "step_ms": {k: 1000 * v / n for k, v in medians.items()},
+        "ratio_fit": medians["bare"] / medians["fit"],
+        "ratio_fit_bar": medians["bare"] / medians["fit_bar"],
+        "times_s": times,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: a few steps")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"of {sorted(CASES)}")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fit.json")
+    args = parser.parse_args()
+    repeats = 2 if args.quick else args.repeats
+    load_before = os.getloadavg()
+    results = {name: run_case(name, repeats, args.quick) for name in args.cases.split(",")}
+    result = {
+        "benchmark": "fit vs a bare loop over the same jitted step and batches",
+        "quick": args.quick,
+        "repeats": repeats,
+        "cases": results,
+        "machine": {
+            **environment(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, r in results.items():
+        print(f"{name}: bare {r['step_ms']['bare']:.3f} ms/step, fit ratio {r['ratio_fit']:.3f},"
+              f" with bar {r['ratio_fit_bar']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
