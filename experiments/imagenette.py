@@ -73,7 +73,8 @@ def default_weights_path(out: str | Path) -> Path:
 
 def parse(argv):
     parser = runs.experiment_parser(__doc__.splitlines()[0], default_out="runs/imagenette")
-    parser.add_argument("--model", default="resnet18", choices=("resnet18", "resnet34", "resnet50"))
+    models = ("resnet10", "resnet18", "resnet34", "resnet50")
+    parser.add_argument("--model", default="resnet18", choices=models)
     parser.add_argument("--size", type=int, help="image side in px (full 128)")
     parser.add_argument("--epochs", type=int, help="training epochs (full 5)")
     parser.add_argument("--batch-size", type=int, help="images per step (full 64)")

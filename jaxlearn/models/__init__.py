@@ -29,7 +29,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a registered model by name.
 
     Args:
-      name: 'resnet18' / 34 / 50 / 101 / 152 (torchvision ImageNet ResNets),
+      name: 'resnet18' / 34 / 50 / 101 / 152 (torchvision ImageNet ResNets), 'resnet10'
+        (one block per stage),
         'resnet20' / 32 / 44 / 56 / 110 (CIFAR ResNets, option A),
         'cnn_small' / 'cnn_medium' / 'cnn_large', or 'mlp'.
       num_classes: outputs of the head.
