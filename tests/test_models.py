@@ -68,6 +68,27 @@ def test_registry_models_give_logits_and_features(name, size, features):
     assert feats.shape == (2, features)
 
 
+@pytest.mark.parametrize(
+    ("name", "size"), [("resnet10", 32), ("resnet50", 32), ("resnet20", 16), ("cnn_small", 16),
+                       ("mlp", 28)],
+)  # fmt: skip
+def test_dtype_reaches_every_convolution_and_matmul(name, size):
+    # Mixed precision is the model's dtype (make_train_step clones the model with it): a
+    # layer that is not given the dtype would silently compute in float32.
+    channels = 1 if name == "mlp" else 3
+    x = jnp.zeros((2, size, size, channels), jnp.float32)
+    model = get_model(name, 3, dtype=jnp.bfloat16)
+    variables = shapes(model, x)
+    text = jax.jit(lambda v: model.apply(v, x, train=False)).lower(variables).as_text()
+    ops = [line for line in text.splitlines() if "stablehlo.convolution" in line
+           or "stablehlo.dot_general" in line]  # fmt: skip
+    assert ops
+    for op in ops:
+        operands = op.rsplit(" : ", 1)[-1].split("->")[0]
+        assert "bf16" in operands and "f32" not in operands, op
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     variables = numpy_variables(CifarResNet(depth=8, num_classes=4), x)
