@@ -2,7 +2,10 @@
 
 The state is a plain pytree (a `flax.struct.PyTreeNode`), so it passes through
 `jax.jit`, `jax.vmap` and Orbax unchanged; the model's `apply` and the Optax
-transformation ride along as static (non-pytree) fields.
+transformation ride along as static (non-pytree) fields. `jax.jit` compares
+static fields by identity, so jaxlearn's compiled steps do not pass the state in
+as it is: they key its model and optimizer by value (`jaxlearn.programs`), and a
+new optimizer object of the same kind reuses the compiled program.
 """
 
 from __future__ import annotations
