@@ -1,6 +1,7 @@
 """Models: parameter counts against the published figures, shapes, dtypes, BatchNorm
 conventions, option-A shortcuts, dropout, the registry."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from model_init import numpy_variables
 
 from jaxlearn.models import MODELS, BasicBlock, CifarResNet, SimpleCNN, get_model
+from jaxlearn.models.layers import BatchNorm, add_relu, max_pool_2x2
 
 
 def count(tree):
@@ -178,3 +180,73 @@ def test_bad_names_and_depths_are_errors():
     with pytest.raises(ValueError, match="depth must be 6n"):
         CifarResNet(depth=21)
     assert {"resnet18", "resnet50", "resnet20", "resnet110", "cnn_small", "mlp"} <= set(MODELS)
+
+
+# The layers with hand-written backward passes against the plain formulations they replace.
+
+
+def _vjp(f, *args):
+    """f(*args) and its gradients for a fixed random cotangent."""
+    out, pullback = jax.vjp(f, *args)
+    g = np.random.default_rng(1).standard_normal(jnp.shape(out)).astype(np.float32)
+    return out, pullback(jnp.asarray(g, out.dtype))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])
+def test_max_pool_2x2_is_nn_max_pool(shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)  # no ties
+    want, (want_dx,) = _vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)
+    got, (got_dx,) = _vjp(max_pool_2x2, x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_dx, want_dx)
+    # A block of tied maxima gives each of them the block's gradient.
+    (dx,) = jax.vjp(max_pool_2x2, jnp.zeros((1, 2, 2, 1)))[1](jnp.ones((1, 1, 1, 1)))
+    np.testing.assert_array_equal(dx, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_is_flax_batch_norm(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 * rng.standard_normal((4, 5, 5, 6)) + 1, dtype)
+    params = {"scale": 1 + rng.random(6, np.float32), "bias": rng.standard_normal(6, np.float32)}
+    stats = {"mean": rng.random(6, np.float32), "var": 1 + rng.random(6, np.float32)}
+    kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
+
+    def run(module, train):
+        def f(params, x):
+            variables = {"params": params, "batch_stats": stats}
+            y, new = module(use_running_average=not train, **kw).apply(
+                variables, x, mutable=["batch_stats"]
+            )
+            return jnp.maximum(y, 0).astype(jnp.float32), new  # with the ReLU that follows it
+
+        y, pullback, new = jax.vjp(f, params, x, has_aux=True)
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        return y, new, pullback(jnp.asarray(g))
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    for train in (True, False):
+        rng = np.random.default_rng(1)
+        want_y, want_stats, want_grads = run(nn.BatchNorm, train)
+        rng = np.random.default_rng(1)
+        got_y, got_stats, got_grads = run(BatchNorm, train)
+        np.testing.assert_array_equal(got_y, want_y)
+        jax.tree.map(np.testing.assert_array_equal, got_stats, want_stats)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(b, np.float32), **tol
+            ),
+            got_grads,
+            want_grads,
+        )
+
+
+def test_add_relu_is_relu_of_the_sum():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 4, 5)).astype(np.float32)
+    shortcut = np.maximum(rng.standard_normal(x.shape), 0).astype(np.float32)  # half zeros
+    x[0, 0, 0] = -shortcut[0, 0, 0]  # sums of exactly 0
+    want, want_grads = _vjp(lambda x, s: jax.nn.relu(x + s), x, shortcut)
+    got, got_grads = _vjp(add_relu, x, shortcut)
+    np.testing.assert_array_equal(got, want)
+    jax.tree.map(np.testing.assert_array_equal, got_grads, want_grads)

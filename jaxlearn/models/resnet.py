@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlearn.models.layers import batch_norm, conv, head
+from jaxlearn.models.layers import add_relu, batch_norm, conv, head
 
 
 class BasicBlock(nn.Module):
@@ -44,7 +44,7 @@ class BasicBlock(nn.Module):
         out = batch_norm(train, name="bn2", dtype=self.dtype, zero_init=self.zero_init_residual)(
             out
         )
-        return nn.relu(out + _shortcut(self, x, train))
+        return add_relu(out, _shortcut(self, x, train))
 
 
 class Bottleneck(nn.Module):
@@ -67,7 +67,7 @@ class Bottleneck(nn.Module):
         out = batch_norm(train, name="bn3", dtype=self.dtype, zero_init=self.zero_init_residual)(
             out
         )
-        return nn.relu(out + _shortcut(self, x, train))
+        return add_relu(out, _shortcut(self, x, train))
 
 
 def _shortcut(block, x, train):

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlearn.models.layers import batch_norm, conv, head
+from jaxlearn.models.layers import batch_norm, conv, head, max_pool_2x2
 
 
 class SimpleCNN(nn.Module):
@@ -44,7 +44,7 @@ class SimpleCNN(nn.Module):
                 x = conv(width, 3, name=f"stage{i + 1}_conv{j + 1}", dtype=self.dtype)(x)
                 x = batch_norm(train, name=f"stage{i + 1}_bn{j + 1}", dtype=self.dtype)(x)
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
         x = jnp.mean(x, axis=(1, 2))
         if features_only:
             return jnp.asarray(x, jnp.float32)
