@@ -8,9 +8,10 @@ BatchNorm, the 2x2 max-pool and the residual add + ReLU have hand-written
 backward passes (`jax.custom_vjp`) because XLA:CPU runs their automatic ones
 slowly; each computes the same forward values as the plain formulation and a
 gradient equal to it up to float rounding (tests/test_models.py compares them).
-Measured on a 2-core AMD EPYC (Zen 3), jaxlib 0.10.2 with Eigen convolutions,
-against PyTorch 2.13 eager channels_last (benchmarks/results/train_step.json):
-cnn_small at 64 px, batch 32, went from 121 to 57 ms per train step (PyTorch 60 ms).
+Train step against PyTorch 2.13 eager channels_last on 2 cores of an AMD EPYC,
+jaxlib 0.10.2 with Eigen convolutions (benchmarks/results/train_step.json, ratio of
+speeds, median of 3 processes): cnn_small 0.68 -> 1.02 at 64 px (123 -> 56 ms per
+step of 32) and 0.83 -> 1.51 at 128 px, ResNet-20 0.51 -> 0.60, ResNet-18 0.72 -> 0.88.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ def conv(
 def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """float32 mean and (biased) variance over every axis but the last, as `nn.BatchNorm`.
 
-    Flax's fast variance, `E[x^2] - E[x]^2` clipped at 0: both means come from one
-    pass over `x`.
+    Flax's fast variance, `E[x^2] - E[x]^2` clipped at 0: no centred copy of `x`.
     """
     axes = tuple(range(x.ndim - 1))
     x = x.astype(jnp.float32)
@@ -82,29 +82,34 @@ def _normalize(x, mean, var, scale, bias, epsilon):
     return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, epsilon):
     """Training-mode BatchNorm over the last axis: (normalized x, batch mean, batch variance).
 
     The values are `nn.BatchNorm`'s. The backward pass is the closed form
-    `dx = scale * rstd * (g - mean(g) - xhat * mean(g * xhat))`, with both
-    reductions taken from `g` and the saved input in one pass, where
-    differentiating the forward's operations gave XLA:CPU more separate passes
-    and a full-size `x - mean` kept from the forward: BatchNorm + ReLU forward
-    and backward at 32x64x64x32 take 5.1-7.6 ms this way and 7.2-10.5 ms by
-    autodiff (PyTorch 20-24 ms). The batch statistics carry no gradient (they
-    only feed the running averages): do not differentiate through them.
+    `dx = scale * rstd * (g - mean(g) - xhat * mean(g * xhat))`: two reductions
+    over the gradient and the saved input, then one elementwise pass, where
+    differentiating the forward's operations gave XLA:CPU more passes and a
+    full-size `x - mean` kept from the forward. BatchNorm + ReLU forward and
+    backward at 32x64x64x32 take 5.1-7.6 ms this way and 7.2-10.5 ms by
+    autodiff (PyTorch 20-24 ms). The batch statistics come back under
+    `stop_gradient`: they only feed the running averages.
 
     Args:
       x: (..., C) activations, any float dtype.
-      scale: (C,) float32 scale.
-      bias: (C,) float32 bias.
+      scale: (C,) scale.
+      bias: (C,) bias.
       epsilon: added to the variance.
 
     Returns:
       float32 normalized `x` (cast it to the compute dtype), and the (C,) float32
       batch mean and variance.
     """
+    y, mean, var = _batch_norm_train(x, scale, bias, epsilon)
+    return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, epsilon):
     mean, var = _batch_stats(x)
     return _normalize(x.astype(jnp.float32), mean, var, scale, bias, epsilon), mean, var
 
@@ -116,6 +121,7 @@ def _batch_norm_fwd(x, scale, bias, epsilon):
 
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
+    # The statistics' cotangents are zero: `batch_norm_train` stops their gradient.
     x, mean, var, scale = residuals
     g = cotangents[0].astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
@@ -128,7 +134,7 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
     return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_g.astype(scale.dtype)
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -169,8 +175,8 @@ class BatchNorm(nn.Module):
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
-                ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * var
         return jnp.asarray(y, self.dtype)
 
 
