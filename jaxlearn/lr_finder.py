@@ -103,12 +103,41 @@ def lr_sweep(start_lr: float, end_lr: float, num_steps: int, mode: str = "exp") 
     raise ValueError(f"mode must be 'exp' or 'linear', got {mode!r}")
 
 
-def sweeping(tx: optax.GradientTransformation, lrs: Any) -> optax.GradientTransformation:
-    """`tx` with update i rescaled from the learning rate `tx` used to `lrs[i]`.
+def _is_injected(s: Any) -> bool:
+    return hasattr(s, "hyperparams_states")
 
-    The rate `tx` used comes from its injected hyperparameters (the largest, the
-    head's, under per-group rates, whose ratios are kept). An update made at rate
-    0 (a warm-up's first step) stays 0.
+
+def _schedule_positions(state: Any) -> list:
+    """Where every injected schedule of an optimizer state stands: (count, schedule states)."""
+    return [
+        (s.count, s.hyperparams_states)
+        for s in jax.tree.leaves(state, is_leaf=_is_injected)
+        if _is_injected(s)
+    ]
+
+
+def _at_positions(state: Any, positions: list) -> Any:
+    """`state` with its injected schedules put back at `positions` (as `_schedule_positions`)."""
+    it = iter(positions)
+
+    def put(s):
+        if not _is_injected(s):
+            return s
+        count, schedules = next(it)
+        return s._replace(count=count, hyperparams_states=schedules)
+
+    return jax.tree.map(put, state, is_leaf=_is_injected)
+
+
+def sweeping(tx: optax.GradientTransformation, lrs: Any) -> optax.GradientTransformation:
+    """`tx` with its learning rate replaced: update i is made at `lrs[i]`.
+
+    `tx`'s schedules are held where they stand (its own momentum, Adam moments and
+    counts go on), so every update is made at one rate of `tx`'s, which `tx`
+    reports (its injected hyperparameters; the largest, the head's, under
+    per-group rates, whose ratios are kept), and is rescaled from it to `lrs[i]`.
+    A schedule that stands at rate 0 (a warm-up's first step) moves on until its
+    rate is positive; those updates are 0.
 
     Args:
       tx: an optimizer built with `optax.inject_hyperparams` (anywhere inside it).
@@ -124,10 +153,17 @@ def sweeping(tx: optax.GradientTransformation, lrs: Any) -> optax.GradientTransf
 
     def update(updates, state, params=None):
         inner, count = state
+        before = _schedule_positions(inner)
         updates, inner = tx.update(updates, inner, params)
         used = injected_learning_rate(inner)
+        positive = used > 0
+        # Hold the schedules at a positive rate; let them move on from a zero one.
+        held = jax.tree.map(
+            lambda b, a: jnp.where(positive, b, a), before, _schedule_positions(inner)
+        )
+        inner = _at_positions(inner, held)
         want = table[jnp.minimum(count, table.shape[0] - 1)]
-        scale = jnp.where(used > 0, want / jnp.where(used > 0, used, 1.0), 0.0)
+        scale = jnp.where(positive, want / jnp.where(positive, used, 1.0), 0.0)
         return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), (inner, count + 1)
 
     return optax.GradientTransformation(init, update)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxlearn import schedules as S
 from jaxlearn.lr_finder import RULES, lr_find, lr_sweep, suggest
 from jaxlearn.state import TrainState
 from jaxlearn.steps import make_train_step
@@ -233,6 +234,23 @@ def test_sweep_uses_the_states_own_optimizer_and_trainable_set():
     result = lr_find(_probe_state(only_head), _probe({"body": jnp.zeros(()), "fc": jnp.ones(())}),
                      itertools.repeat({}), make_tx=optax.sgd, **sweep)  # fmt: skip
     np.testing.assert_allclose(result.losses, result.lrs, rtol=1e-5)
+
+
+def test_the_states_schedule_is_held_so_cycles_and_warmups_do_not_zero_the_sweep():
+    ones = {"body": jnp.zeros(()), "fc": jnp.ones(())}  # the head's update alone
+    sweep = dict(start_lr=1e-3, end_lr=1.0, num_steps=12, stop_factor=1e9)
+    trace = np.cumsum(0.9 ** np.arange(12))
+    for schedule, skipped in (
+        (S.sgdr(0.5, cycle_steps=3), 0),  # back to 0 every 3 steps: held at its peak
+        (optax.linear_schedule(0.0, 1.0, 5), 1),  # starts at 0: moves on one step, then held
+    ):
+        sweep["stop_factor"] = np.inf  # a first "loss" of 0 would otherwise read as divergence
+        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)
+        result = lr_find(_probe_state(tx), _probe(ones), itertools.repeat({}), **sweep)
+        assert result.stopped == "completed"
+        expected = result.lrs * trace
+        expected[:skipped] = 0.0
+        np.testing.assert_allclose(result.losses, expected, rtol=1e-5)
 
 
 def test_an_optimizer_that_hides_its_learning_rate_is_refused():
