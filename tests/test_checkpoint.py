@@ -114,3 +114,14 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert sorted(straight.files) == sorted(resumed.files)
     for key in straight.files:
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+
+
+def test_async_save_is_safe_against_the_donating_step(tmp_path):
+    state, loader, step = make_run()
+    batch = next(iter(loader.epoch(0)))
+    state, _ = step(state, batch)
+    before = jax.device_get(state)  # what the checkpoint must hold
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(state)  # returns once the arrays are on the host; the files come later
+    step(state, batch)  # donates (deletes) the saved state's buffers at once
+    _assert_trees_equal(ckpt.restore(make_run()[0])["state"], before)
