@@ -332,3 +332,112 @@ def plot_distributions(
         ax.legend(fontsize=8)
     ax.set_ylabel(ylabel)
     return _finish(fig, path)
+
+
+def top_losses(labels, probs, k: int):
+    """Indices of the `k` examples with the highest loss `-log p(true class)`, worst first.
+
+    Returns:
+      `(indices, losses)`: int array of at most `k` indices and their float losses.
+    """
+    import numpy as np
+
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    if probs.ndim != 2 or labels.shape != (len(probs),):
+        raise ValueError(
+            f"probs must be (N, C) and labels (N,), got {probs.shape} and {labels.shape}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+    order = np.argsort(-losses, kind="stable")[:k]
+    return order, losses[order]
+
+
+def plot_top_losses(
+    images, labels, probs, class_names, *, k: int = 9, path: str | Path | None = None
+):
+    """The `k` images the model got most confidently wrong (highest loss), in a grid.
+
+    fast.ai's `plot_top_losses`: each image is titled predicted / actual / loss /
+    probability of the actual class. Looking at them shows label noise, ambiguous
+    images and what the model confuses, which no accuracy number does.
+
+    Args:
+      images: (N, H, W, C) uint8 or [0, 1] float images, as loaded.
+      labels: (N,) integer true classes.
+      probs: (N, C) predicted probabilities.
+      class_names: the C class names.
+      k: how many images (the grid is as square as possible).
+      path: save a PNG here as well.
+
+    Returns:
+      The figure.
+    """
+    import numpy as np
+
+    images = np.asarray(images)
+    if len(images) != len(labels):
+        raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+    if np.shape(probs)[-1] != len(class_names):
+        raise ValueError(
+            f"probs have {np.shape(probs)[-1]} classes, class_names {len(class_names)}"
+        )
+    order, losses = top_losses(labels, probs, k)
+    cols = int(np.ceil(np.sqrt(len(order))))
+    rows = int(np.ceil(len(order) / cols))
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i, loss in zip(axes.ravel(), order, losses, strict=False):
+        image = images[i] if images.shape[-1] != 1 else images[i, ..., 0]
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        predicted, actual = int(np.argmax(probs[i])), int(labels[i])
+        ax.set_title(
+            f"{class_names[predicted]} / {class_names[actual]}\n"
+            f"{loss:.2f} / {np.asarray(probs)[i, actual]:.2f}",
+            fontsize=8,
+        )
+    fig.suptitle("predicted / actual, loss / probability of actual", fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_confusion_matrix(labels, predictions, class_names, *, path: str | Path | None = None):
+    """Counts of (actual, predicted) class pairs, with the counts written in the cells.
+
+    Args:
+      labels: (N,) integer true classes.
+      predictions: (N,) integer predicted classes.
+      class_names: the class names, in label order.
+      path: save a PNG here as well.
+
+    Returns:
+      The figure.
+    """
+    import numpy as np
+
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    c = len(class_names)
+    if labels.shape != predictions.shape or labels.ndim != 1:
+        raise ValueError(
+            f"labels and predictions must be (N,), got {labels.shape}, {predictions.shape}"
+        )
+    if labels.size and (
+        min(labels.min(), predictions.min()) < 0 or max(labels.max(), predictions.max()) >= c
+    ):
+        raise ValueError(f"classes must lie in [0, {c}) for {c} class_names")
+    counts = np.zeros((c, c), np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    plt = _pyplot()
+    side = 1.2 + 0.5 * c
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(counts, cmap="Blues")
+    for (a, p), n in np.ndenumerate(counts):
+        color = "white" if n > counts.max() / 2 else "black"
+        ax.text(p, a, str(n), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(c), class_names, rotation=90)
+    ax.set_yticks(range(c), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    return _finish(fig, path)
