@@ -27,6 +27,7 @@ _SUBMODULES = (
     "schedules",
     "state",
     "steps",
+    "torchfile",
     "transfer",
 )
 

@@ -15,8 +15,9 @@ layerK.J.*, downsample.0/.1, fc) and architecture, so their state dicts
 convert the same way. Every conversion is checked key by key and shape by
 shape against the model, and fails with a report before anything is returned.
 
-Files: `.safetensors` are read with numpy alone; `.pth` needs PyTorch and is
-read with `torch.load(weights_only=True)`, which refuses to unpickle code.
+Files: `.safetensors` are read with numpy alone; `.pth` / `.pt` / `.bin` too, by
+`jaxlearn.torchfile`, whose restricted unpickler rebuilds tensors and containers only
+and refuses any other global, so neither PyTorch nor code from the file is needed.
 Converted variables are stored as Flax msgpack (no pickle either) with
 `save_variables` / `load_variables`.
 """
@@ -193,8 +194,9 @@ def convert_state_dict(
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Read a PyTorch state dict from `.safetensors` (no torch needed) or `.pth` / `.pt` / `.bin`.
 
-    `.pth` files are read with `torch.load(weights_only=True)`, which only
-    rebuilds tensors and containers and refuses to run pickled code.
+    `.pth` files (zip or legacy layout) are read by `jaxlearn.torchfile.load`, without
+    PyTorch: its restricted unpickler only rebuilds tensors and containers and refuses
+    every other global, so no pickled code runs.
 
     Args:
       path: the weights file.
@@ -204,8 +206,8 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
     Raises:
       FileNotFoundError: no such file.
-      ImportError: a `.pth` file without PyTorch installed.
-      ValueError: an unknown suffix, a corrupt file, or not a flat name -> tensor mapping.
+      ValueError: an unknown suffix, a corrupt file, a pickle naming a global that is not
+        allowed, or not a flat name -> tensor mapping.
     """
     path = Path(path)
     if not path.is_file():
@@ -220,23 +222,17 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"path: {path} is not a readable safetensors file ({err})") from err
     if suffix not in (".pth", ".pt", ".bin"):
         raise ValueError(f"path: expected .safetensors, .pth, .pt or .bin, got {path.name!r}")
+    from jaxlearn import torchfile
+
     try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            f"reading {path.name} needs PyTorch: pip install 'jaxlearn[torch]', "
-            "or use the .safetensors version of the weights"
-        ) from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt zip, truncated file, disallowed pickle globals
-        raise ValueError(f"path: {path} is not a readable PyTorch weights file ({err})") from err
-    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        state = torchfile.load(path)
+    except ValueError as err:  # corrupt or cut file, or a global the reader refuses
+        raise ValueError(f"path: {err}") from err
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()
+    ):
         raise ValueError(f"path: {path} does not hold a flat mapping of names to tensors")
-    return {
-        k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
-        for k, v in state.items()
-    }
+    return dict(state)
 
 
 def save_variables(path: str | Path, variables: Mapping) -> Path:

@@ -192,11 +192,15 @@ def test_safetensors_read_without_torch_gives_the_same_arrays(
         np.testing.assert_array_equal(read[k], state[k])
 
 
-def test_pth_without_torch_says_what_to_install(tmp_path, monkeypatch):
-    (tmp_path / "w.pth").write_bytes(b"anything")
-    monkeypatch.setitem(__import__("sys").modules, "torch", None)
-    with pytest.raises(ImportError, match=r"jaxlearn\[torch\].*safetensors"):
-        pretrained.load_state_dict(tmp_path / "w.pth")
+def test_pth_read_without_torch_gives_the_same_arrays(resnet18_torch, tmp_path, monkeypatch):
+    state = numpy_state_dict(resnet18_torch)
+    torch.save(resnet18_torch.state_dict(), tmp_path / "w.pth")
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` now fails
+    read = pretrained.load_state_dict(tmp_path / "w.pth")
+    assert type(read) is dict and list(read) == list(state)
+    for k in state:
+        assert read[k].dtype == state[k].dtype, k
+        np.testing.assert_array_equal(read[k], state[k])
 
 
 def test_weights_for_another_arch_or_class_count_name_keys_and_shapes(resnet18_torch):
