@@ -367,7 +367,7 @@ def torchvision_variables(
 ) -> dict:
     """torchvision's ImageNet weights for a ResNet as Flax variables, cached after conversion.
 
-    The first call downloads the `.pth` (needs PyTorch to read it) and writes the
+    The first call downloads the `.pth` (read without PyTorch) and writes the
     converted variables next to it as '<file>.msgpack'; later calls read only that.
 
     Args:
