@@ -1,4 +1,4 @@
-"""torchvision and timm ResNet weights -> Flax variables, and a cache of converted weights.
+"""torchvision / timm ResNet and EfficientNet-Lite weights -> Flax variables, and a cache.
 
 The models in `jaxlearn.models` name their modules after torchvision's state-dict
 keys ('.' -> '_' before an index: `layer1.0.downsample.1` is
@@ -12,8 +12,11 @@ keys ('.' -> '_' before an index: `layer1.0.downsample.1` is
 
 timm's plain `resnet18/34/50/101/152` use the same key names (conv1, bn1,
 layerK.J.*, downsample.0/.1, fc) and architecture, so their state dicts
-convert the same way. Every conversion is checked key by key and shape by
-shape against the model, and fails with a report before anything is returned.
+convert the same way. A model laid out otherwise names its torch modules itself
+(`torch_module`): `EfficientNetLite` maps to the efficientnet_pytorch keys of Google's
+checkpoints (`_conv_stem`, `_blocks.N._depthwise_conv`, whose (C, 1, k, k) weight
+becomes the (k, k, 1, C) kernel, ...). Every conversion is checked key by key and
+shape by shape against the model, and fails with a report before anything is returned.
 
 Files: `.safetensors` are read with numpy alone; `.pth` / `.pt` / `.bin` too, by
 `jaxlearn.torchfile`, whose restricted unpickler rebuilds tensors and containers only
@@ -38,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from jaxlearn.data.augment import normalize
+
 # torchvision's published ImageNet checkpoints; the file name ends with the first
 # 8 hex digits of the file's SHA-256. Plain names are IMAGENET1K_V1; '_v2' are the
 # "new training recipe" weights (ResNet-50: 76.13% -> 80.86% top-1).
@@ -55,6 +60,11 @@ TORCHVISION_URLS = {
 # The normalisation torchvision's and timm's ImageNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The normalisation Google's EfficientNet-Lite checkpoints were trained with: (pixel - 127) / 128
+# per channel (MEAN_RGB = 127, STDDEV_RGB = 128 in `efficientnet/lite`), on the [0, 1] scale.
+EFFICIENTNET_LITE_MEAN = (127 / 255,) * 3
+EFFICIENTNET_LITE_STD = (128 / 255,) * 3
 
 _LEAF_TO_TORCH = {
     "kernel": "weight",
@@ -79,6 +89,18 @@ def imagenet_normalize(images: jax.Array) -> jax.Array:
     return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
+def efficientnet_lite_normalize(images: jax.Array) -> jax.Array:
+    """uint8 (or [0, 1] float) NHWC images -> float32 `(pixel - 127) / 128`, in [-0.99, 1].
+
+    The input Google's EfficientNet-Lite ImageNet checkpoints (`efficientnet-liteN-*.pth`
+    from the registry) were trained with, as the TF release's preprocessing (the
+    reference package's demo uses `imagenet_normalize` instead).
+
+    Pass it as the train and eval steps' `preprocess` when fine-tuning those weights.
+    """
+    return normalize(images, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
+
+
 def default_cache_dir() -> Path:
     """$JAXLEARN_CACHE, else ~/.cache/jaxlearn: where checkpoints and converted weights live."""
     return Path(os.environ.get("JAXLEARN_CACHE", Path.home() / ".cache" / "jaxlearn"))
@@ -93,12 +115,19 @@ def _template(model: nn.Module, input_shape) -> dict[tuple[str, ...], jax.ShapeD
     return traverse_util.flatten_dict(tree)
 
 
-def torch_key(path: tuple[str, ...]) -> str:
-    """The torchvision state-dict key of a Flax variable path.
+def torch_key(path: tuple[str, ...], model: nn.Module | None = None) -> str:
+    """The PyTorch state-dict key of a Flax variable path.
 
+    By default torchvision's names ('.' -> '_' before an index):
     ('params', 'layer1_0', 'downsample_1', 'scale') -> 'layer1.0.downsample.1.weight'.
+    A model whose layout differs names its modules itself with a `torch_module(modules)`
+    method (`EfficientNetLite`: ('params', 'stage2_1', 'depthwise_bn', 'scale') ->
+    '_blocks.2._bn1.weight', the efficientnet_pytorch layout).
     """
-    modules = [re.sub(r"_(\d+)$", r".\1", name) for name in path[1:-1]]
+    if hasattr(model, "torch_module"):
+        modules = [model.torch_module(path[1:-1])]
+    else:
+        modules = [re.sub(r"_(\d+)$", r".\1", name) for name in path[1:-1]]
     return ".".join([*modules, _LEAF_TO_TORCH[path[-1]]])
 
 
@@ -153,7 +182,7 @@ def mismatch_report(
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray], model: nn.Module, *, input_shape=(1, 224, 224, 3)
 ) -> dict:
-    """Convert a torchvision/timm ResNet state dict into Flax variables for `model`.
+    """Convert a torchvision/timm ResNet (or efficientnet_pytorch) state dict for `model`.
 
     Strict: every key the model needs must be present with the right shape and no
     other keys may be left over (`num_batches_tracked` aside), otherwise nothing
@@ -171,7 +200,7 @@ def convert_state_dict(
       ValueError: naming every missing, unexpected and mis-shaped key with shapes.
     """
     template = _template(model, input_shape)
-    keys = {torch_key(path): path for path in template}
+    keys = {torch_key(path, model): path for path in template}
     given = {
         k: np.asarray(v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
     }
@@ -184,8 +213,10 @@ def convert_state_dict(
             f"state_dict does not fit {type(model).__name__}"
             f"(num_classes={getattr(model, 'num_classes', '?')}):\n{report}"
         )
+    # Copies: on CPU `jnp.asarray` would share the caller's memory (e.g. a live torch model's
+    # `.numpy()` views, which its next training step overwrites in place).
     flat = {
-        path: jnp.asarray(_to_flax_layout(given[k]), dtype=template[path].dtype)
+        path: jnp.array(_to_flax_layout(given[k]), dtype=template[path].dtype)
         for k, path in keys.items()
     }
     return traverse_util.unflatten_dict(flat)

@@ -21,7 +21,8 @@ BatchNorm in frozen groups, `bn=`:
              training batches (train-mode normalisation).
   'eval'  -- fully frozen: normalise with the stored running averages and never
              update them (the Keras fine-tuning advice); needs a model with a
-             `frozen_bn` attribute (the ResNets), which `freeze_to` sets.
+             `frozen_bn` attribute (the ResNets, EfficientNet-Lite), which `freeze_to`
+             sets.
 """
 
 from __future__ import annotations
@@ -54,15 +55,24 @@ from jaxlearn.steps import (
 RESNET_SPLIT = ("layer3", "fc")
 # The CIFAR ResNets have three stages: stem..layer1, layer2..layer3, head.
 CIFAR_RESNET_SPLIT = ("layer2", "fc")
+# EfficientNet-Lite as fastai's ResNet split, by resolution: stem..stage3 (down to 28 px at
+# 224) | stage4..top_conv (14 and 7 px, as ResNet's layer3..layer4) | head.
+EFFICIENTNET_SPLIT = ("stage4", "fc")
 BN_MODES = ("train", "stats", "eval")
 
 Optimizer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
 
 
 def _rank(name: str) -> float:
-    """Position of a top-level module: the stem 0, 'layerK_*' / 'stageK_*' K, the head 'fc' last."""
+    """Position of a top-level module in the network.
+
+    The stem 0, 'layerK_*' / 'stageK_*' K, then 'top_*' (layers after the last
+    stage, e.g. EfficientNet's 1x1 convolution to 1280 channels), the head 'fc' last.
+    """
     if name == "fc":
         return float("inf")
+    if name.startswith("top_"):
+        return float(2**31)  # after any stage number
     match = re.match(r"(?:layer|stage)(\d+)", name)
     return int(match.group(1)) if match else 0
 
@@ -70,13 +80,14 @@ def _rank(name: str) -> float:
 def layer_groups(params: Mapping, split_at: Sequence[str] = RESNET_SPLIT) -> dict[str, int]:
     """The layer group of each top-level module of `params`.
 
-    Modules are ordered stem (conv1, bn1) < layer1 < layer2 < ... < fc; a new
-    group starts at each name of `split_at`.
+    Modules are ordered stem (conv1, bn1) < layer1 < layer2 < ... < top_* < fc
+    (`stageK` ranks as `layerK`); a new group starts at each name of `split_at`.
 
     Args:
       params: the model's 'params' collection.
       split_at: first module of each group after the first, in order, e.g.
-        ("layer3", "fc") for torchvision ResNets (3 groups), ("fc",) for body/head.
+        ("layer3", "fc") for torchvision ResNets (3 groups), `EFFICIENTNET_SPLIT`,
+        ("fc",) for body/head.
 
     Returns:
       {top-level module name: group index}.
@@ -176,7 +187,7 @@ def freeze_to(
 
     Args:
       model: the Flax model; with `bn='eval'` it must have a `frozen_bn`
-        attribute (the ResNets), which is set to the frozen groups' modules (and
+        attribute (the ResNets, EfficientNet-Lite), which is set to the frozen groups' modules (and
         cleared otherwise).
       params: its 'params' collection (only the structure is used).
       n: number of leading groups to freeze (negative counts from the end).
@@ -421,7 +432,8 @@ def fine_tune(
       pct_start: warm-up fraction of phase 2.
       div: phase 2 starts at peak / div.
       optimizer: `learning_rate -> GradientTransformation` (default `fastai_adam`).
-      split_at: layer-group boundaries (`RESNET_SPLIT`, `CIFAR_RESNET_SPLIT`, ...).
+      split_at: layer-group boundaries (`RESNET_SPLIT`, `CIFAR_RESNET_SPLIT`,
+        `EFFICIENTNET_SPLIT`, ...).
       bn: BatchNorm of frozen groups in phase 1: 'train', 'stats' or 'eval'.
       preprocess: images -> float images for train and eval steps
         (`jaxlearn.pretrained.imagenet_normalize` for ImageNet weights).

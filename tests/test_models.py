@@ -57,6 +57,7 @@ def test_cifar_resnet_parameter_counts():
         ("cnn_small", 64, 256),
         ("cnn_medium", 224, 512),
         ("cnn_large", 96, 512),
+        ("efficientnet_lite0", 64, 1280),
     ],
 )
 def test_registry_models_give_logits_and_features(name, size, features):
@@ -72,7 +73,7 @@ def test_registry_models_give_logits_and_features(name, size, features):
 
 @pytest.mark.parametrize(
     ("name", "size"), [("resnet10", 32), ("resnet50", 32), ("resnet20", 16), ("cnn_small", 16),
-                       ("mlp", 28)],
+                       ("mlp", 28), ("efficientnet_lite0", 32)],
 )  # fmt: skip
 def test_dtype_reaches_every_convolution_and_matmul(name, size):
     # Mixed precision is the model's dtype (make_train_step clones the model with it): a

@@ -14,6 +14,7 @@ from functools import partial
 import flax.linen as nn
 
 from jaxlearn.models.cifar_resnet import CifarResNet
+from jaxlearn.models.efficientnet import LITE_VARIANTS, EfficientNetLite, make_efficientnet_lite
 from jaxlearn.models.resnet import STAGE_SIZES, BasicBlock, Bottleneck, ResNet, make_resnet
 from jaxlearn.models.small import CNN_SIZES, MLP, SimpleCNN
 
@@ -22,6 +23,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
     **{name: partial(SimpleCNN, widths, convs) for name, (widths, convs) in CNN_SIZES.items()},
     "mlp": MLP,
+    **{name: partial(make_efficientnet_lite, name) for name in LITE_VARIANTS},
 }
 
 
@@ -32,7 +34,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
       name: 'resnet18' / 34 / 50 / 101 / 152 (torchvision ImageNet ResNets), 'resnet10'
         (one block per stage),
         'resnet20' / 32 / 44 / 56 / 110 (CIFAR ResNets, option A),
-        'cnn_small' / 'cnn_medium' / 'cnn_large', or 'mlp'.
+        'cnn_small' / 'cnn_medium' / 'cnn_large', 'mlp', or 'efficientnet_lite0' ... 4
+        (Google's EfficientNet-Lite; see `jaxlearn.models.efficientnet`).
       num_classes: outputs of the head.
       **kwargs: further attributes of the model (dtype, dropout, features, ...).
 
@@ -50,8 +53,10 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
+    "EfficientNetLite",
     "ResNet",
     "SimpleCNN",
     "get_model",
+    "make_efficientnet_lite",
     "make_resnet",
 ]
