@@ -60,6 +60,25 @@ CIFAR_RESNET_SPLIT = ("layer2", "fc")
 EFFICIENTNET_SPLIT = ("stage4", "fc")
 BN_MODES = ("train", "stats", "eval")
 
+
+def default_split(model: nn.Module) -> tuple[str, ...]:
+    """The layer-group boundaries this library uses for `model`'s family.
+
+    ResNets `RESNET_SPLIT`, CIFAR ResNets `CIFAR_RESNET_SPLIT`, EfficientNet-Lite
+    `EFFICIENTNET_SPLIT`; any other model splits into body and head, `("fc",)`.
+    """
+    from jaxlearn.models import CifarResNet, EfficientNetLite, ResNet
+
+    for family, split in (
+        (ResNet, RESNET_SPLIT),
+        (CifarResNet, CIFAR_RESNET_SPLIT),
+        (EfficientNetLite, EFFICIENTNET_SPLIT),
+    ):
+        if isinstance(model, family):
+            return split
+    return ("fc",)
+
+
 Optimizer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
 
 
@@ -173,7 +192,7 @@ def freeze_to(
     learning_rate: optax.ScalarOrSchedule,
     *,
     lr_factors: Sequence[float] | None = None,
-    split_at: Sequence[str] = RESNET_SPLIT,
+    split_at: Sequence[str] | None = None,
     bn: str = "train",
 ) -> tuple[nn.Module, optax.GradientTransformation]:
     """Freeze the first `n` layer groups: the model and optimizer to train the rest with.
@@ -197,12 +216,13 @@ def freeze_to(
       learning_rate: float or schedule of the last group (the head).
       lr_factors: per-group multipliers, e.g. `discriminative_factors(lo, hi, 3)`;
         default 1 for every group.
-      split_at: group boundaries (see `layer_groups`).
+      split_at: group boundaries (see `layer_groups`); default `default_split(model)`.
       bn: 'train', 'stats' or 'eval' for BatchNorm in frozen groups (module docstring).
 
     Returns:
       `(model, tx)`: the model to build the train state with and its optimizer.
     """
+    split_at = default_split(model) if split_at is None else split_at
     labels = param_labels(params, n, split_at=split_at, bn=bn)
     num_groups = len(split_at) + 1
     factors = tuple(lr_factors) if lr_factors is not None else (1.0,) * num_groups
@@ -398,7 +418,7 @@ def fine_tune(
     pct_start: float = 0.3,
     div: float = 5.0,
     optimizer: Optimizer = fastai_adam,
-    split_at: Sequence[str] = RESNET_SPLIT,
+    split_at: Sequence[str] | None = None,
     bn: str = "train",
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
@@ -433,7 +453,7 @@ def fine_tune(
       div: phase 2 starts at peak / div.
       optimizer: `learning_rate -> GradientTransformation` (default `fastai_adam`).
       split_at: layer-group boundaries (`RESNET_SPLIT`, `CIFAR_RESNET_SPLIT`,
-        `EFFICIENTNET_SPLIT`, ...).
+        `EFFICIENTNET_SPLIT`, ...); default `default_split(model)`.
       bn: BatchNorm of frozen groups in phase 1: 'train', 'stats' or 'eval'.
       preprocess: images -> float images for train and eval steps
         (`jaxlearn.pretrained.imagenet_normalize` for ImageNet weights).
@@ -453,6 +473,7 @@ def fine_tune(
         )
     if not base_lr > 0 or not lr_mult >= 1:
         raise ValueError(f"base_lr must be > 0 and lr_mult >= 1, got {base_lr}, {lr_mult}")
+    split_at = default_split(model) if split_at is None else split_at
     num_groups = len(split_at) + 1
     eval_step = None
     if eval_data is not None:

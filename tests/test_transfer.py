@@ -139,8 +139,9 @@ def test_discriminative_rates_follow_the_same_schedule():
     schedule = one_cycle(0.1, 6)
     factors = transfer.discriminative_factors(1e-3, 1e-1, 3)
     _, tx = transfer.freeze_to(
-        get_model("mlp", 10), params, 0, optax.sgd, schedule, lr_factors=factors
-    )
+        get_model("mlp", 10), params, 0, optax.sgd, schedule, lr_factors=factors,
+        split_at=transfer.RESNET_SPLIT,
+    )  # fmt: skip
     opt_state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     for step in range(6):
@@ -148,7 +149,8 @@ def test_discriminative_rates_follow_the_same_schedule():
         for name, factor in zip(("conv1", "layer3_0", "fc"), factors, strict=True):
             np.testing.assert_allclose(updates[name]["kernel"], -schedule(step) * factor, rtol=1e-6)
     with pytest.raises(ValueError, match="lr_factors"):
-        transfer.freeze_to(get_model("mlp", 10), params, 0, optax.sgd, 0.1, lr_factors=(1.0, 1.0))
+        transfer.freeze_to(get_model("mlp", 10), params, 0, optax.sgd, 0.1, lr_factors=(1.0, 1.0),
+                           split_at=transfer.RESNET_SPLIT)  # fmt: skip
 
 
 def test_head_on_cached_features_equals_training_with_a_frozen_body(tiny):
@@ -273,3 +275,11 @@ def test_an_optimizer_that_injects_its_rate_is_not_wrapped_again(tiny):
             updates, state = tx.update(ones, state, params)
             np.testing.assert_allclose(updates["fc"]["bias"], -schedule(i), rtol=1e-6)
             assert float(injected_learning_rate(state)) == pytest.approx(schedule(i))
+
+
+def test_default_split_knows_each_family():
+    assert transfer.default_split(get_model("resnet34", 2)) == transfer.RESNET_SPLIT
+    assert transfer.default_split(get_model("resnet20", 2)) == transfer.CIFAR_RESNET_SPLIT
+    lite = get_model("efficientnet_lite0", 2)
+    assert transfer.default_split(lite) == transfer.EFFICIENTNET_SPLIT
+    assert transfer.default_split(get_model("cnn_small", 2)) == ("fc",)
