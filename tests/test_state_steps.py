@@ -123,7 +123,8 @@ def test_steps_compile_once_per_program_not_per_optimizer_object():
     sgd = lambda lr: optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=0.9)
     runs = [state(s, sgd(sgdr(c))) for s, c in ((0, 10), (1, 10), (2, 20), (3, 40))]
     other = [state(4, optax.adam(1e-3)), state(5, sgd(S.sgdr(0.2, cycle_steps=10)))]
-    step, eval_step = make_train_step(), make_eval_step()
+    # Fresh steps (`__wrapped__`: not the shared ones) so other tests' programs don't count.
+    step, eval_step = make_train_step.__wrapped__(), make_eval_step.__wrapped__()
     step(state(9, sgd(0.1)), batch)  # warm the helpers (PRNG, device puts) outside the count
     with count_compilations() as compiled:
         results = [step(s, batch) for s in runs]
@@ -143,6 +144,16 @@ def test_steps_compile_once_per_program_not_per_optimizer_object():
     later = [step(step(r, batch)[0], batch)[1]["lr"] for r, _ in results[1:]]
     np.testing.assert_allclose(later, [sgdr(c)(2) for c in (10, 20, 40)], rtol=1e-6)
     assert step.cache_size() == 4  # constant LR (the warm-up), the SGDR runs, Adam, SGDR at 0.2
+
+
+def test_the_same_arguments_give_the_same_step():
+    flip = lambda key, x: x
+    assert make_train_step(weight_decay=0.1, augment=flip) is make_train_step(
+        augment=flip, weight_decay=0.1
+    )
+    assert make_train_step(weight_decay=0.1) is not make_train_step(weight_decay=0.2)
+    assert make_train_step(augment=flip) is not make_train_step(augment=lambda key, x: x)
+    assert make_eval_step(with_logits=True) is make_eval_step(with_logits=True)
 
 
 def _op_types(text: str, op: str) -> list[str]:
