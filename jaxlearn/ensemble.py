@@ -211,11 +211,14 @@ def accuracy_curve(
     batch_size: int = 256,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     member_batch: int | None = None,
+    views_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> EnsembleCurve:
     """Accuracy of the ensemble of the first k snapshots, for every k (Huang et al.'s curve).
 
     Every member's predictions are computed once (arguments as in `predict`); the
-    k-member ensembles are running (cumulative) means of them.
+    k-member ensembles are running (cumulative) means of them. With `views_fn`
+    (e.g. `jaxlearn.data.augment.tta_views`) each member's prediction is its TTA
+    average over the views, as in `predict_tta`, so the curve is that of TTA ensembles.
 
     Returns:
       `EnsembleCurve`: ``ensemble[k-1]`` is the accuracy of snapshots 0 .. k-1 combined,
@@ -227,13 +230,14 @@ def accuracy_curve(
     _check_combine(combine)
     logits = member_logits(
         apply_fn, members, images, batch_size=batch_size, preprocess=preprocess,
-        member_batch=member_batch,
+        member_batch=member_batch, views_fn=views_fn,
     )  # fmt: skip
-    logits = jnp.asarray(logits[:, 0])
-    k = jnp.arange(1, logits.shape[0] + 1, dtype=jnp.float32)[:, None, None]
-    running = _to_probs(jnp.cumsum(_averaged(logits, combine), axis=0) / k, combine)
+    # Each member's views averaged first (probabilities or logits, as `combine` says).
+    scores = jnp.mean(_averaged(jnp.asarray(logits), combine), axis=1)
+    k = jnp.arange(1, scores.shape[0] + 1, dtype=jnp.float32)[:, None, None]
+    running = _to_probs(jnp.cumsum(scores, axis=0) / k, combine)
     hits = lambda scores: np.mean(np.asarray(jnp.argmax(scores, -1)) == labels, axis=-1)
-    return EnsembleCurve(ensemble=hits(running), members=hits(logits))
+    return EnsembleCurve(ensemble=hits(running), members=hits(scores))
 
 
 def snapshot_steps(

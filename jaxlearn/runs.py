@@ -15,7 +15,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible rather than dropping them
     return value
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Summary statistics of per-seed (or per-draw) results, for results.json.
+
+    Returns:
+      mean, std (sample, ddof 1; 0 for one value), median, quartiles q1 and q3, min,
+      max, n and the values themselves, all plain Python numbers.
+    """
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty 1-d sequence, got shape {v.shape}")
+    q1, median, q3 = np.percentile(v, [25, 50, 75])
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "median": float(median), "q1": float(q1), "q3": float(q3), "min": float(v.min()),
+            "max": float(v.max()), "n": int(v.size), "values": v.tolist()}  # fmt: skip
 
 
 def write_results(

@@ -137,6 +137,21 @@ def test_accuracy_curve_is_accuracy_of_first_k_ensembles():
     assert curve.ensemble[0] == curve.members[0]
 
 
+def test_accuracy_curve_with_views_is_that_of_tta_ensembles():
+    snaps = _snapshots(3)
+    for combine in ("prob", "logits"):
+        curve = ensemble.accuracy_curve(
+            MODEL.apply, snaps, IMAGES, LABELS, views_fn=tta_views, combine=combine
+        )
+        logits = ensemble.member_logits(MODEL.apply, snaps, IMAGES, views_fn=tta_views)
+        for k in range(1, 4):
+            probs = ensemble.combine_logits(logits[:k].reshape(-1, *logits.shape[2:]), combine)
+            assert curve.ensemble[k - 1] == np.mean(probs.argmax(-1) == LABELS)
+        alone = [ensemble.predict_tta(MODEL.apply, s, IMAGES, combine=combine) for s in snaps]
+        hits = np.equal([p.argmax(-1) for p in alone], LABELS)
+        np.testing.assert_array_equal(curve.members, np.mean(hits, axis=1))
+
+
 def test_tta_averages_probabilities_over_views():
     snap = _snapshots(1)[0]
     got = ensemble.predict_tta(MODEL.apply, snap, IMAGES, batch_size=4)

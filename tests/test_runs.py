@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlearn.runs import data_root, write_results
+from jaxlearn.runs import data_root, summarize, write_results
 
 
 def test_write_results_records_everything(tmp_path, monkeypatch):
@@ -52,3 +52,15 @@ def test_experiment_parser_shared_flags():
     parser = experiment_parser("x", default_out="runs/x")
     args = parser.parse_args(["--quick", "--seeds", "3"])
     assert args.quick and args.seeds == 3 and args.out == "runs/x" and args.data is None
+
+
+def test_summarize_gives_the_statistics_of_per_seed_results():
+    s = summarize([0.9, 0.7, 0.8, 1.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (pytest.approx(0.85), 0.7, 1.0, 4)
+    assert (s["q1"], s["q3"]) == (pytest.approx(0.775), pytest.approx(0.925))
+    assert s["mean"] == pytest.approx(0.85) and s["std"] == pytest.approx(
+        np.std([9, 7, 8, 10], ddof=1) / 10
+    )
+    assert s["values"] == [0.9, 0.7, 0.8, 1.0] and summarize([0.5])["std"] == 0.0
+    with pytest.raises(ValueError, match="non-empty"):
+        summarize([])
