@@ -132,6 +132,10 @@ VARIANTS = {
     "default": "",
     # Convolutions back on XLA's Eigen kernels (the pre-YNNPACK path).
     "eigen_conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    # ...and XLA's memory-minimising scheduler instead of the concurrency-optimised one,
+    # which keeps more temporaries alive (EfficientNet-Lite0: 6.1 -> 2.3 s per step).
+    "eigen_conv+memory_scheduler": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    " --xla_cpu_enable_concurrency_optimized_scheduler=false",
     # Elementwise ops (BatchNorm arithmetic, ReLU) fused into YNNPACK subgraphs too.
     "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=+eltwise",
     # Eigen ops on one thread: less synchronisation when the cores are oversubscribed.
@@ -197,7 +201,13 @@ _FLAGS_TRIED = [
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce (XLA's own "
     "reductions instead of YNNPACK's): cnn_small 64 px 57 -> 81 ms. Dropped.",
     "--xla_cpu_enable_concurrency_optimized_scheduler=true: cnn_small 64 px 57.0 -> 56.6 ms "
-    "(noise). Dropped.",
+    "(noise: it is jaxlib 0.10's default).",
+    "KEPT in quickstart.sh --xla_cpu_enable_concurrency_optimized_scheduler=false (XLA's "
+    "memory-minimising scheduler; results/train_step_memory_scheduler.json, 2 processes "
+    "each): JAX img/s ResNet-20 584 -> 536, cnn_small 64 px 496 -> 500, 128 px 132 -> 141, "
+    "ResNet-18 80 -> 79; EfficientNet-Lite0 at 224 px 6.1 -> 2.3 s a step "
+    "(results/efficientnet.json), whose depthwise gradients' k*k tap copies it no longer "
+    "keeps alive at once.",
     "--xla_cpu_multi_thread_eigen=false with Eigen convolutions (independent thunks in "
     "parallel instead of each convolution on 2 threads): cnn_small 64 px 58.1, 59.1 -> "
     "64.7, 66.3 ms. Dropped.",

@@ -242,14 +242,16 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str =
     padding 'SAME' (`nn.Conv(C, (k, k), feature_group_count=C)`'s kernel layout). On
     XLA:CPU that grouped convolution is slow (jax-ml/jax#23713), so 'shifted' writes it
     as the sum of k*k shifted slices of the padded input times one kernel tap each,
-    which XLA fuses into one elementwise loop. Forward + backward, batch 32, the
-    depthwise shapes of EfficientNet-Lite0 at 224 px, 2 cores of an AMD EPYC, Eigen
-    convolutions (PyTorch 2.13 channels_last in brackets): 112x112x32 k3 393 -> 158 ms
-    (99), 112x112x96 k3 s2 1406 -> 139 (201), 28x28x240 k5 375 -> 200 (87), 14x14x672
-    k5 523 -> 111 (49), 7x7x1152 k5 390 -> 55 (22); the network's 16 depthwise layers
-    7.2 s -> 1.46 s (0.87 s). The rest of the gap is the kernel gradient: XLA copies
-    each tap's slice to a fresh buffer before reducing it, and the page faults of
-    those buffers are most of its time.
+    which XLA fuses into one elementwise loop. Forward + backward, batch 32, the 16
+    depthwise layers of EfficientNet-Lite0 at 224 px, 2 cores of an AMD EPYC
+    (benchmarks/bench_efficientnet.py --depthwise; PyTorch 2.13 channels_last in
+    brackets): with Eigen convolutions 7.1 s -> 1.40 s (0.87 s), e.g. 112x112x96 k3 s2
+    1370 -> 143 ms (173), 14x14x672 k5 521 -> 130 ms (71); with YNNPACK's (jaxlib's
+    default) 8.4 s -> 1.41 s (0.88 s). Most of what remains is the kernel gradient's
+    k*k tap copies, which XLA:CPU's default concurrency-optimised scheduler keeps alive
+    at once in fresh memory on every call (page faults: 100k per call at 112x112x32);
+    with `--xla_cpu_enable_concurrency_optimized_scheduler=false` the 16 layers take
+    0.64 s, PyTorch's 0.61 s.
 
     Args:
       x: (N, H, W, C) input.
