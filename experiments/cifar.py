@@ -345,14 +345,6 @@ def plot_schedules(schedules: dict, num_steps: int, path) -> None:
     ax.figure.savefig(path, dpi=120)
 
 
-def mean_std(values: Sequence[float]) -> dict:
-    """Mean, standard deviation (ddof 1, 0 for one value), min, max and the values."""
-    v = np.asarray(values, np.float64)
-    std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    return {"mean": float(v.mean()), "std": std, "min": float(v.min()), "max": float(v.max()),
-            "values": v.tolist()}  # fmt: skip
-
-
 def fmt(stats: dict, digits: int = 4) -> str:
-    """'mean ± std' of a `mean_std` record."""
+    """'mean ± std' of a `jaxlearn.runs.summarize` record."""
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"

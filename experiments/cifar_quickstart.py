@@ -1,6 +1,8 @@
-"""Quickstart: LR finder, SGDR with snapshots, and the snapshot ensemble, on CIFAR-10.
+"""CIFAR quickstart: LR finder, SGDR with snapshots, and the snapshot ensemble, from scratch.
 
-The fast.ai loop in three moves, on real data:
+The fast.ai loop in three moves, on real data, with a network trained from random
+weights (the main job, experiments/quickstart.py, does the same from pretrained
+weights on dogs vs cats):
 
 1. the LR range test (Smith 2015) picks the peak learning rate (fast.ai's 'valley' rule);
 2. SGDR (Loshchilov & Hutter 2017) trains a CIFAR ResNet for a few cosine cycles, and
@@ -9,10 +11,10 @@ The fast.ai loop in three moves, on real data:
 3. the snapshots, averaged as an ensemble (Huang et al. 2017, "Train 1, get M for
    free"), are scored against the single final model on the test set, once.
 
-    python experiments/quickstart.py            # ~5-8 min on 2 CPU cores
-    python experiments/quickstart.py --quick    # ~20 s: 256 images, 2 short cycles
-    python experiments/quickstart.py --tfds cifar10          # online users
-    python experiments/quickstart.py --folder ROOT           # any ROOT/{train,test}/CLASS/*
+    python experiments/cifar_quickstart.py            # ~5-8 min on 2 CPU cores
+    python experiments/cifar_quickstart.py --quick    # ~20 s: 256 images, 2 short cycles
+    python experiments/cifar_quickstart.py --tfds cifar10          # online users
+    python experiments/cifar_quickstart.py --folder ROOT           # any ROOT/{train,test}/CLASS/*
 
 Writes results.json, lr_find.png, history.png, schedule.png and ensemble.png to --out.
 """
@@ -58,7 +60,7 @@ FINDER_BETA = 0.9
 
 
 def parse(argv):
-    parser = runs.experiment_parser(__doc__.splitlines()[0], default_out="runs/quickstart")
+    parser = runs.experiment_parser(__doc__.splitlines()[0], default_out="runs/cifar_quickstart")
     cifar.add_data_flags(parser)
     parser.add_argument("--model", help="resnet8 (default), resnet20, ..., cnn_small, mlp")
     parser.add_argument("--cycles", type=int, help="SGDR cycles = snapshots")
@@ -122,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {
         split: {
-            "single_final": cifar.mean_std([r[split]["members"][-1] for r in per_seed]),
-            "ensemble": cifar.mean_std([r[split]["ensemble"][-1] for r in per_seed]),
+            "single_final": runs.summarize([r[split]["members"][-1] for r in per_seed]),
+            "ensemble": runs.summarize([r[split]["ensemble"][-1] for r in per_seed]),
         }
         for split in ("valid", "test")
     }

@@ -144,7 +144,7 @@ def long_runs(recipe, splits, setup: Setup, seeds: list[int], out: Path) -> dict
         tests = [r["test_accuracy"] for r in rows]
         results[name] = {
             "runs": rows,
-            "test_accuracy": cifar.mean_std(tests),
+            "test_accuracy": runs.summarize(tests),
             "test_accuracy_median": float(np.median(tests)),
             "valid_accuracy_per_epoch": curves[name],
         }

