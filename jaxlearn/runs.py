@@ -3,14 +3,18 @@
 Radek's rules ask every run to leave behind its config, seeds, metrics, wall time,
 hardware and library versions. `write_results` writes exactly that as
 ``results.json`` next to the run's figures, so every number quoted in
-experiments/RESULTS.md can be traced to a file.
+experiments/RESULTS.md can be traced to a file. `with_xla_flags` adds the XLA:CPU
+flags of this project's CPU runs where the installed jaxlib defines them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
+import importlib.util
 import json
+import mmap
 import os
 import platform
 import subprocess
@@ -23,6 +27,15 @@ import numpy as np
 
 #: Packages whose versions go into every results.json.
 _PACKAGES = ("jaxlearn", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+#: XLA:CPU flags of this project's CPU runs (benchmarks/README.md has the numbers; both
+#: leave every other backend alone). jaxlib 0.10 sends CPU convolutions to YNNPACK, which
+#: runs a ResNet train step 2.7-3.8x slower than XLA's Eigen convolutions on our AMD EPYC:
+YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+#: XLA:CPU's concurrency-optimised scheduler keeps more temporaries alive, allocated anew on
+#: every call: an EfficientNet-Lite0 train step takes 2.3 s with the memory-minimising one,
+#: 6.1 s without.
+MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def experiment_parser(description: str, *, default_out: str) -> argparse.ArgumentParser:
@@ -63,16 +76,21 @@ def data_root(path: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def environment() -> dict[str, Any]:
-    """Hardware and library versions of this process, for results.json."""
-    import jax
-
+def package_versions(names: Sequence[str] = _PACKAGES) -> dict[str, str | None]:
+    """The installed version of each distribution named (None for one not installed)."""
     versions = {}
-    for name in _PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    return versions
+
+
+def environment() -> dict[str, Any]:
+    """Hardware and library versions of this process, for results.json."""
+    import jax
+
     devices = jax.devices()
     return {
         "platform": platform.platform(),
@@ -83,9 +101,59 @@ def environment() -> dict[str, Any]:
         "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
         # XLA flags change speed by 3x on CPU (README, "Speed on a CPU"): record them.
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "versions": versions,
+        "versions": package_versions(),
         "git_commit": _git_commit(),
     }
+
+
+def jaxlib_knows_flag(flag: str) -> bool:
+    """Whether the installed jaxlib defines the XLA flag `flag` ('--name=value' or 'name').
+
+    XLA aborts the process when XLA_FLAGS names a flag it does not define ("Unknown flags
+    in XLA_FLAGS"), and flags come and go between jaxlib releases. Every flag is registered
+    under its name, a NUL-terminated string constant in jaxlib's libraries, so the name is
+    looked up there, without importing jax (a scan of jaxlib 0.10.2's 350 MB library takes
+    0.03 s when the name is found early, ~0.3 s for an unknown one).
+    """
+    name = b"\0" + flag.lstrip("-").split("=", 1)[0].encode() + b"\0"
+    for path in _jaxlib_libraries():
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(name) >= 0:
+                return True
+    return False
+
+
+@functools.cache
+def _jaxlib_libraries() -> tuple[Path, ...]:
+    """jaxlib's shared libraries, largest (XLA's) first; none when jaxlib is not installed."""
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    found = Path(next(iter(spec.submodule_search_locations))).rglob("*.so")
+    return tuple(sorted(found, key=lambda p: -p.stat().st_size))
+
+
+def with_xla_flags(flags: Sequence[str], xla_flags: str | None = None) -> str:
+    """XLA_FLAGS with each of `flags` appended unless it is set there already or unknown.
+
+    For flags that only tune one backend (`YNN_CONV_OFF`, `MEMORY_SCHEDULER`): a flag whose
+    name XLA_FLAGS already holds is left as the user set it, and one this jaxlib does not
+    define (`jaxlib_knows_flag`) is left out rather than abort the process. Call it before
+    jax starts a backend (XLA reads XLA_FLAGS once).
+
+    Args:
+      flags: '--name=value' strings.
+      xla_flags: the current value; None: the XLA_FLAGS environment variable.
+
+    Returns:
+      The new value, to be put in the environment.
+    """
+    value = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    for flag in flags:
+        name = flag.lstrip("-").split("=", 1)[0]
+        if name not in value and jaxlib_knows_flag(flag):
+            value = f"{value} {flag}".strip()
+    return value
 
 
 def _cpu_model() -> str:

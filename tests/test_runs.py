@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from jaxlearn import runs
 from jaxlearn.runs import data_root, summarize, write_results
 
 
@@ -64,3 +65,13 @@ def test_summarize_gives_the_statistics_of_per_seed_results():
     assert s["values"] == [0.9, 0.7, 0.8, 1.0] and summarize([0.5])["std"] == 0.0
     with pytest.raises(ValueError, match="non-empty"):
         summarize([])
+
+
+def test_with_xla_flags_adds_only_flags_this_jaxlib_defines_and_the_user_did_not_set():
+    unknown = "--xla_cpu_no_such_flag_in_any_jaxlib=true"  # XLA would abort on it
+    assert runs.jaxlib_knows_flag(runs.YNN_CONV_OFF) and not runs.jaxlib_knows_flag(unknown)
+    device_count = "--xla_force_host_platform_device_count=8"
+    both = runs.with_xla_flags([runs.YNN_CONV_OFF, unknown], device_count)
+    assert both == f"{device_count} {runs.YNN_CONV_OFF}"
+    own = "--xla_cpu_experimental_ynn_fusion_type="  # the user's own value stays
+    assert runs.with_xla_flags([runs.YNN_CONV_OFF], own) == own
