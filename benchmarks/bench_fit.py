@@ -48,19 +48,46 @@ CASES = {
 BATCH = 32
 
 
-def run_case(name: str, repeats: int, quick: bool) -> dict:
-    """Median seconds of bare / fit / fit_bar over the same epochs, alternating."""
-    make_model, shape, steps, epochs = CASES[name]
-    steps = min(steps, 8) if quick else steps
+def compare(
+    make_model,
+    shape: tuple[int, ...],
+    *,
+    batch_size: int,
+    steps: int,
+    epochs: int,
+    repeats: int,
+    num_classes: int = 2,
+    compute_dtype=None,
+) -> dict:
+    """Median seconds of bare / fit / fit_bar over the same epochs, alternating.
+
+    Args:
+      make_model: () -> a fresh Flax model.
+      shape: one image's shape (H, W, C); images are random uint8.
+      batch_size, steps, epochs: images per step, steps per epoch, epochs per timed run.
+      repeats: timed runs of each arm, after one warm-up run of each.
+      num_classes: labels are drawn from [0, num_classes).
+      compute_dtype: the train step's `compute_dtype` (None: float32).
+
+    Returns:
+      Medians and every time, ms per step and images/s of each arm, the ratios, and the
+      train step's FLOPs by XLA's cost analysis of the compiled program and of the
+      program before optimisation (`flops_per_step`, `flops_per_step_hlo`; None where
+      the backend gives none).
+    """
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (steps * BATCH, *shape), dtype=np.uint8)
-    labels = rng.integers(0, 2, steps * BATCH).astype(np.int32)
-    loader = ArrayLoader(images, labels, BATCH, seed=0)
+    images = rng.integers(0, 256, (steps * batch_size, *shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, steps * batch_size).astype(np.int32)
+    loader = ArrayLoader(images, labels, batch_size, seed=0)
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.01, momentum=0.9)
-    step = make_train_step()
+    step = make_train_step(compute_dtype=compute_dtype)
 
     def fresh():
         return TrainState.create(make_model(), tx, jax.random.key(0), images[:1])
+
+    # Compiled ahead of time to read its cost analysis; the runs below reuse this program.
+    lowered = step.lower(fresh(), next(iter(loader.epoch(0))))
+    flops = {"flops_per_step": _flops(lowered.compile()), "flops_per_step_hlo": _flops(lowered)}
 
     def bare():
         state = fresh()
@@ -89,13 +116,31 @@ def run_case(name: str, repeats: int, quick: bool) -> dict:
     n = steps * epochs
     return {
         "steps": n,
-        "batch": BATCH,
+        "batch": batch_size,
         "median_s": medians,
         "step_ms": {k: 1000 * v / n for k, v in medians.items()},
+        "images_per_s": {k: n * batch_size / v for k, v in medians.items()},
         "ratio_fit": medians["bare"] / medians["fit"],
         "ratio_fit_bar": medians["bare"] / medians["fit_bar"],
+        **flops,
         "times_s": times,
     }
+
+
+def _flops(program) -> float | None:
+    """FLOPs of a lowered or compiled jax program by XLA's cost analysis (None if it has none)."""
+    analysis = program.cost_analysis()
+    if isinstance(analysis, list):  # one entry per device in older jax
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def run_case(name: str, repeats: int, quick: bool) -> dict:
+    """`compare` on one of `CASES`, at batch 32 (8 steps an epoch with `quick`)."""
+    make_model, shape, steps, epochs = CASES[name]
+    steps = min(steps, 8) if quick else steps
+    return compare(make_model, shape, batch_size=BATCH, steps=steps, epochs=epochs, repeats=repeats)
 
 
 def main() -> None:

@@ -59,6 +59,64 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def measure(num_models: int, num_images: int, batch_size: int, repeats: int) -> dict:
+    """`train_many` of `num_models` MLPs against a loop of `fit`, one epoch each.
+
+    Returns:
+      The config, the median vmapped time, the loop's time (median single run x N, and
+      its total), their ratio, and the largest difference between the two paths' trained
+      weights (`weights_equal`; `equal` when within 1e-5, as on CPU).
+    """
+    images, labels, source = mnist_or_random(num_images)
+    model, tx = MLP(features=(20,), num_classes=10), optax.sgd(0.1, momentum=0.9)
+    keys = jax.random.split(jax.random.key(0), num_models)
+    seeds = list(range(num_models))
+    pure_step, jit_step = make_train_step(jit=False), make_train_step()
+
+    def vmapped():
+        states = init_many(model, tx, keys, images[:1])
+        kw = dict(train_step=pure_step, batch_size=batch_size, seeds=seeds, epochs=1)
+        return train_many(states, images, labels, **kw)[0].params
+
+    def one(i):
+        state = TrainState.create(model, tx, keys[i], images[:1])
+        loader = ArrayLoader(images, labels, batch_size, seed=seeds[i])
+        return fit(state, loader, train_step=jit_step, epochs=1, progress=False)[0].params
+
+    timed(vmapped)  # warm-up: compile
+    vmap_times, params = zip(*(timed(vmapped) for _ in range(repeats)), strict=True)
+    timed(lambda: one(0))  # warm-up: compile
+    loop_times, loop_params = zip(
+        *(timed(lambda i=i: one(i)) for i in range(num_models)), strict=True
+    )
+    max_diff = max(
+        float(np.max(np.abs(np.asarray(a[i]) - np.asarray(b))))
+        for i, p in enumerate(loop_params)
+        for a, b in zip(jax.tree.leaves(params[-1]), jax.tree.leaves(p), strict=True)
+    )
+    vmap_s = statistics.median(vmap_times)
+    loop_s = statistics.median(loop_times) * num_models
+    return {
+        "config": {
+            "models": num_models,
+            "images": num_images,
+            "data": source,
+            "batch_size": batch_size,
+            "steps_per_model": num_images // batch_size,
+            "optimizer": "sgd lr 0.1 momentum 0.9",
+            "repeats_vmapped": repeats,
+        },
+        "backend": jax.default_backend(),
+        "vmapped_s": vmap_s,
+        "loop_s": loop_s,
+        "loop_total_s": sum(loop_times),
+        "loop_over_vmapped": loop_s / vmap_s,
+        "vmapped_times_s": list(vmap_times),
+        "loop_single_run_median_s": statistics.median(loop_times),
+        "weights_equal": {"max_abs_diff": max_diff, "equal": max_diff <= 1e-5},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4,096 images, 2 repeats")
@@ -70,58 +128,14 @@ def main() -> None:
     args = parser.parse_args()
     num_images, repeats = (4096, 2) if args.quick else (60000, 3)
     load_before = os.getloadavg()
-
-    images, labels, source = mnist_or_random(num_images)
-    model, tx = MLP(features=(20,), num_classes=10), optax.sgd(0.1, momentum=0.9)
-    keys = jax.random.split(jax.random.key(0), args.models)
-    seeds = list(range(args.models))
-    pure_step, jit_step = make_train_step(jit=False), make_train_step()
-
-    def vmapped():
-        states = init_many(model, tx, keys, images[:1])
-        kw = dict(train_step=pure_step, batch_size=args.batch_size, seeds=seeds, epochs=1)
-        return train_many(states, images, labels, **kw)[0].params
-
-    def one(i):
-        state = TrainState.create(model, tx, keys[i], images[:1])
-        loader = ArrayLoader(images, labels, args.batch_size, seed=seeds[i])
-        return fit(state, loader, train_step=jit_step, epochs=1, progress=False)[0].params
-
-    timed(vmapped)  # warm-up: compile
-    vmap_times, params = zip(*(timed(vmapped) for _ in range(repeats)), strict=True)
-    timed(lambda: one(0))  # warm-up: compile
-    loop_times, loop_params = zip(
-        *(timed(lambda i=i: one(i)) for i in range(args.models)), strict=True
-    )
-    max_diff = max(
-        float(np.max(np.abs(np.asarray(a[i]) - np.asarray(b))))
-        for i, p in enumerate(loop_params)
-        for a, b in zip(jax.tree.leaves(params[-1]), jax.tree.leaves(p), strict=True)
-    )
-    assert max_diff <= 1e-5, f"vmapped and looped weights differ by {max_diff}"
-    vmap_s = statistics.median(vmap_times)
-    loop_s = statistics.median(loop_times) * args.models
+    measured = measure(args.models, num_images, args.batch_size, repeats)
+    max_diff = measured["weights_equal"]["max_abs_diff"]
+    assert measured["weights_equal"]["equal"], f"vmapped and looped weights differ by {max_diff}"
     load_after = os.getloadavg()
     result = {
         "benchmark": "N MLPs 784-20-10, one epoch each: vmapped train_many vs loop of fit",
-        "config": {
-            "models": args.models,
-            "images": num_images,
-            "data": source,
-            "batch_size": args.batch_size,
-            "steps_per_model": num_images // args.batch_size,
-            "optimizer": "sgd lr 0.1 momentum 0.9",
-            "repeats_vmapped": repeats,
-            "quick": args.quick,
-        },
-        "backend": jax.default_backend(),
-        "vmapped_s": vmap_s,
-        "loop_s": loop_s,
-        "loop_total_s": sum(loop_times),
-        "loop_over_vmapped": loop_s / vmap_s,
-        "vmapped_times_s": list(vmap_times),
-        "loop_single_run_median_s": statistics.median(loop_times),
-        "weights_equal": {"max_abs_diff": max_diff},
+        **measured,
+        "config": {**measured["config"], "quick": args.quick},
         "machine": {
             **environment(),
             "load_average_before": load_before,
