@@ -19,6 +19,7 @@ other optimizer runs the same but reports no `lr`.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -234,14 +235,18 @@ def _shared(build: Callable) -> Callable:
     preprocess and augment objects gets one step object and compiles each program
     once (an EfficientNet-Lite0 train step takes ~20 s to compile on 2 cores).
     Arguments are compared as `jax.jit` compares static arguments: functions by
-    identity. Unhashable arguments build a new step.
+    identity, with the defaults filled in (`make_train_step()` is
+    `make_train_step(weight_decay=0.0)`). Unhashable arguments build a new step.
     """
     cache: dict = {}
+    signature = inspect.signature(build)
 
     @functools.wraps(build)
     def shared(**kwargs):
+        bound = signature.bind(**kwargs)
+        bound.apply_defaults()
         try:
-            key = tuple(sorted(kwargs.items()))
+            key = tuple(sorted(bound.arguments.items()))
             hash(key)
         except TypeError:
             return build(**kwargs)

@@ -152,6 +152,7 @@ def test_the_same_arguments_give_the_same_step():
         augment=flip, weight_decay=0.1
     )
     assert make_train_step(weight_decay=0.1) is not make_train_step(weight_decay=0.2)
+    assert make_train_step() is make_train_step(weight_decay=0.0, preprocess=None)  # defaults
     assert make_train_step(augment=flip) is not make_train_step(augment=lambda key, x: x)
     assert make_eval_step(with_logits=True) is make_eval_step(with_logits=True)
 
