@@ -369,12 +369,13 @@ def make_state(
         ended, so that checkpoints and history keep one count.
 
     Returns:
-      The `TrainState`, holding copies of `variables` (the train step donates its
-      input state, which must not invalidate the caller's arrays).
+      The `TrainState`, holding copies of `variables` and `key` (the train step
+      donates its input state, which must not invalidate the caller's arrays).
     """
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    # Copies: the jitted train step donates the state's buffers, the caller keeps theirs.
+    # Copies: the jitted train step donates the state's buffers, the caller keeps theirs
+    # (a raw key too, e.g. another state's `rng`).
+    key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    key = jnp.array(key)
     params = jax.tree.map(jnp.array, variables["params"])
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -423,9 +424,11 @@ def fine_tune(
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     compute_dtype: Any = None,
+    label_smoothing: float = 0.0,
     eval_data=None,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
+    step: int = 0,
 ) -> tuple[TrainState, dict[str, dict[str, np.ndarray]]]:
     """fastai's `Learner.fine_tune`: train the head with a frozen body, then everything.
 
@@ -437,7 +440,8 @@ def fine_tune(
     `base_lr / 2 / lr_mult` for the first group, warm-up `pct_start`, start at
     peak / `div`. Each phase starts a fresh optimizer state (its schedule from the
     beginning); the step count runs on through both phases, so one `Checkpoint`
-    callback and the history's steps serve the whole run.
+    callback and the history's steps serve the whole run. `step` continues a
+    count that earlier training started (`jaxlearn.learner.Learner.fine_tune`).
     fastai also cycles Adam's momentum (0.95 -> 0.85 -> 0.95); this does not.
 
     Args:
@@ -459,9 +463,12 @@ def fine_tune(
         (`jaxlearn.pretrained.imagenet_normalize` for ImageNet weights).
       augment: `(key, images) -> images` for training.
       compute_dtype: e.g. `jnp.bfloat16` for mixed precision.
+      label_smoothing: of the training loss (`make_train_step`).
       eval_data: evaluation loader, evaluated at each epoch's end.
       callbacks: `jaxlearn.loop` callbacks, given to both phases (one step count).
       progress: show progress bars.
+      step: the step count to start from (>= 0): the phases run `freeze_epochs` and
+        `epochs` epochs of steps from there.
 
     Returns:
       `(state, {'frozen': history, 'unfrozen': history})`, each phase's own records
@@ -481,10 +488,11 @@ def fine_tune(
 
     # One train step for both phases: each phase's optimizer is its own program.
     train_step = make_train_step(
-        preprocess=preprocess, augment=augment, compute_dtype=compute_dtype
-    )
+        label_smoothing=label_smoothing, preprocess=preprocess, augment=augment,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
 
-    def phase(variables, n, until_epoch, schedule, factors, key, step):
+    def phase(variables, n, until_step, schedule, factors, key, step):
         phase_model, tx = freeze_to(
             model,
             variables["params"],
@@ -499,7 +507,7 @@ def fine_tune(
             make_state(phase_model, variables, tx, key, step=step),
             train_data,
             train_step=train_step,
-            epochs=until_epoch,
+            steps=until_step,
             eval_data=eval_data,
             eval_step=eval_step,
             callbacks=callbacks,
@@ -507,19 +515,17 @@ def fine_tune(
         )
 
     steps_per_epoch = len(train_data)
-    histories, step = {}, 0
+    histories = {}
     if freeze_epochs:
         schedule = one_cycle(base_lr, freeze_epochs * steps_per_epoch, pct_start=0.99)
         factors = (0.1,) * (num_groups - 1) + (1.0,)  # fastai's slice(base_lr)
-        state, histories["frozen"] = phase(
-            variables, -1, freeze_epochs, schedule, factors, key, step
-        )
+        until = step + freeze_epochs * steps_per_epoch
+        state, histories["frozen"] = phase(variables, -1, until, schedule, factors, key, step)
         variables, key = state.variables, jax.random.fold_in(state.rng, 1)
         step = int(state.step)
     lr = base_lr / 2
     schedule = one_cycle(lr, epochs * steps_per_epoch, pct_start=pct_start, div=div)
     factors = discriminative_factors(lr / lr_mult, lr, num_groups)
-    state, histories["unfrozen"] = phase(
-        variables, 0, freeze_epochs + epochs, schedule, factors, key, step
-    )
+    until = step + epochs * steps_per_epoch
+    state, histories["unfrozen"] = phase(variables, 0, until, schedule, factors, key, step)
     return state, histories

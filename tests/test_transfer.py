@@ -14,7 +14,7 @@ from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.loop import CaptureParams, Checkpoint
 from jaxlearn.models import CifarResNet, get_model
 from jaxlearn.schedules import one_cycle
-from jaxlearn.steps import injected_learning_rate, make_train_step
+from jaxlearn.steps import cross_entropy, injected_learning_rate, make_train_step
 
 SPLIT = transfer.CIFAR_RESNET_SPLIT  # stem + layer1 | layer2 + layer3 | fc
 
@@ -283,3 +283,24 @@ def test_default_split_knows_each_family():
     lite = get_model("efficientnet_lite0", 2)
     assert transfer.default_split(lite) == transfer.EFFICIENTNET_SPLIT
     assert transfer.default_split(get_model("cnn_small", 2)) == ("fc",)
+
+
+def test_fine_tune_continues_a_step_count_with_label_smoothing():
+    model = get_model("mlp", 3)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8)
+    loader = ArrayLoader(images, rng.integers(0, 3, 16).astype(np.int32), 8)  # 2 steps an epoch
+    variables = numpy_variables(model, images[:1])
+    state, histories = transfer.fine_tune(
+        model, variables, loader, epochs=1, key=jax.random.key(0), label_smoothing=0.1,
+        progress=False, step=6,
+    )  # fmt: skip
+    assert int(state.step) == 10
+    np.testing.assert_array_equal(histories["frozen"]["step"], [6, 7])
+    np.testing.assert_array_equal(histories["unfrozen"]["step"], [8, 9])
+    np.testing.assert_array_equal(histories["unfrozen"]["epoch"], [4])
+    # Step 6 trains on epoch 3's first batch, with the smoothed loss.
+    batch = next(loader.epoch(3))
+    logits = model.apply(variables, batch["image"] / 255.0)
+    expected = np.mean(cross_entropy(logits, batch["label"], label_smoothing=0.1))
+    np.testing.assert_allclose(histories["frozen"]["loss"][0], expected, rtol=1e-5)
