@@ -384,22 +384,53 @@ def plot_top_losses(
             f"probs have {np.shape(probs)[-1]} classes, class_names {len(class_names)}"
         )
     order, losses = top_losses(labels, probs, k)
-    cols = int(np.ceil(np.sqrt(len(order))))
-    rows = int(np.ceil(len(order) / cols))
+    titles = []
+    for i, loss in zip(order, losses, strict=True):
+        predicted, actual = int(np.argmax(probs[i])), int(labels[i])
+        titles.append(
+            f"{class_names[predicted]} / {class_names[actual]}\n"
+            f"{loss:.2f} / {np.asarray(probs)[i, actual]:.2f}"
+        )
+    return plot_images(
+        images[order], titles, suptitle="predicted / actual, loss / probability of actual",
+        path=path,
+    )  # fmt: skip
+
+
+def plot_images(images, titles, *, suptitle: str | None = None, path: str | Path | None = None):
+    """Images in a grid as square as possible, each with its title.
+
+    What `plot_top_losses` and `ImageDataLoaders.show_batch` draw.
+
+    Args:
+      images: (N, H, W, C) uint8 or [0, 1] float images (C = 1 is drawn in grey).
+      titles: N titles.
+      suptitle: a title over the grid.
+      path: save a PNG here as well.
+
+    Returns:
+      The figure.
+    """
+    import numpy as np
+
+    images = np.asarray(images)
+    if images.ndim != 4 or len(images) == 0 or len(titles) != len(images):
+        raise ValueError(
+            f"images must be (N, H, W, C) with N >= 1 and one title each, got shape "
+            f"{images.shape} and {len(titles)} titles"
+        )
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
     plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i, loss in zip(axes.ravel(), order, losses, strict=False):
-        image = images[i] if images.shape[-1] != 1 else images[i, ..., 0]
+    for ax, image, title in zip(axes.ravel(), images, titles, strict=False):
+        image = image[..., 0] if image.shape[-1] == 1 else image
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        predicted, actual = int(np.argmax(probs[i])), int(labels[i])
-        ax.set_title(
-            f"{class_names[predicted]} / {class_names[actual]}\n"
-            f"{loss:.2f} / {np.asarray(probs)[i, actual]:.2f}",
-            fontsize=8,
-        )
-    fig.suptitle("predicted / actual, loss / probability of actual", fontsize=9)
+        ax.set_title(title, fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     return _finish(fig, path)
 
 
