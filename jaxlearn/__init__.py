@@ -15,6 +15,8 @@ _SUBMODULES = (
     "ensemble",
     "flatness",
     "inference",
+    "interpret",
+    "learner",
     "loop",
     "lr_finder",
     "models",
@@ -50,6 +52,11 @@ _NAMES = {
     "one_cycle": "schedules",
     "cosine_warmup": "schedules",
     "fine_tune": "transfer",
+    "ImageDataLoaders": "data",
+    "vision_learner": "learner",
+    "Learner": "learner",
+    "load_learner": "learner",
+    "ClassificationInterpretation": "interpret",
 }
 
 __all__ = [*_SUBMODULES, *_NAMES]

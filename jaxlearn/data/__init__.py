@@ -3,7 +3,8 @@
 Sources: `load_image_folder` (ROOT/SPLIT/CLASS/*), `load_tfds` (tensorflow-
 datasets by name and split), `load_mnist` (the four idx files). Then `carve`
 a validation set or take a `subset`, feed `ArrayLoader`, and augment on the
-device with the functions of `jaxlearn.data.augment`.
+device with the functions of `jaxlearn.data.augment`. `ImageDataLoaders` does
+the steps from a folder or a tfds name to the two loaders in one call.
 """
 
 from jaxlearn.data.arrays import ImageArrays
@@ -23,6 +24,7 @@ from jaxlearn.data.augment import (
     tta_views,
 )
 from jaxlearn.data.cache import default_cache_dir
+from jaxlearn.data.dataloaders import ImageDataLoaders
 from jaxlearn.data.folders import load_image_folder
 from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.data.mnist import load_mnist
@@ -33,6 +35,7 @@ __all__ = [
     "ArrayLoader",
     "Augment",
     "ImageArrays",
+    "ImageDataLoaders",
     "carve",
     "carve_indices",
     "channel_stats",

@@ -1,0 +1,289 @@
+"""`ImageDataLoaders`: a training and a validation loader over one labelled data set, fastai's way.
+
+fastai's `ImageDataLoaders.from_folder(path, valid_pct=0.2, item_tfms=Resize(224))` in
+one call: the images decoded at one size (`load_image_folder`, cached), a validation
+set carved off when the folder has none (`carve`: stratified and seeded), the class
+names taken from the training split, and the two `ArrayLoader`s the pure training loop
+takes (`dls.train` shuffles per (seed, epoch), `dls.valid` keeps order and pads). The
+augmentation travels with the data, as fastai's `batch_tfms` do, and the train step
+applies it on the device. Everything here can be done by hand with those functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlearn.data.arrays import ImageArrays
+from jaxlearn.data.augment import Augment
+from jaxlearn.data.folders import _class_folders, load_image_folder
+from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.data.split import carve
+from jaxlearn.data.tfds import load_tfds
+
+#: The validation fraction carved off when a data set has no validation split (fastai's).
+DEFAULT_VALID_PCT = 0.2
+
+
+class ImageDataLoaders:
+    """The training and validation loaders of one image classification data set.
+
+    Attributes:
+      train_ds, valid_ds: the `ImageArrays` of each split (fastai's names).
+      train: `ArrayLoader` of `train_ds`, shuffled per (seed, epoch), last partial
+        batch dropped.
+      valid: evaluation `ArrayLoader` of `valid_ds`, in order, last batch padded.
+      augment: `(key, images) -> images`, applied by the train step on the device.
+      resize: how the images were brought to their size ('crop' or 'squash'), so
+        that a new image is prepared the same way (`Learner.predict`).
+      seed: the seed of the training shuffle (and of the carved split).
+    """
+
+    def __init__(
+        self,
+        train: ImageArrays,
+        valid: ImageArrays,
+        *,
+        batch_size: int = 64,
+        augment: Augment | None = None,
+        seed: int = 0,
+        resize: str = "crop",
+        mesh: Mesh | None = None,
+    ):
+        """Check that the splits fit together and build their loaders.
+
+        Args:
+          train: the training split.
+          valid: the validation split, with the same class names.
+          batch_size: examples per step (a multiple of the device count).
+          augment: on-device augmentation of training batches, e.g.
+            `jaxlearn.data.compose(random_crop(4), random_flip())`; None: none.
+          seed: seed of the training shuffle.
+          resize: the policy the images were resized with ('crop' or 'squash').
+          mesh: data mesh of the loaders (default: all devices).
+
+        Raises:
+          ValueError: splits with different class names or image shapes, fewer than
+            two classes with training images, a class with validation images but no
+            training image, or a bad `batch_size` or `augment`.
+        """
+        if train.class_names != valid.class_names:
+            raise ValueError(
+                f"train and valid must share their class names, got {list(train.class_names)} "
+                f"and {list(valid.class_names)}"
+            )
+        if train.images.shape[1:] != valid.images.shape[1:]:
+            raise ValueError(
+                f"train and valid images differ in shape: {train.images.shape[1:]} vs "
+                f"{valid.images.shape[1:]}"
+            )
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be a function (key, images) -> images, got {augment!r}")
+        names = train.class_names
+        seen = np.unique(train.labels)
+        if len(seen) < 2:
+            raise ValueError(
+                f"a classifier needs at least 2 classes with training images, found "
+                f"{[names[i] for i in seen]} (class names {list(names)})"
+            )
+        unseen = sorted(set(np.unique(valid.labels).tolist()) - set(seen.tolist()))
+        if unseen:
+            raise ValueError(
+                f"class(es) {[names[i] for i in unseen]} have validation images but no "
+                "training image: the model could never learn them"
+            )
+        self.train_ds, self.valid_ds = train, valid
+        self.augment, self.seed, self.resize = augment, seed, resize
+        self.train = ArrayLoader(
+            train.images, train.labels, batch_size, seed=seed, num_classes=len(names), mesh=mesh
+        )
+        self.valid = ArrayLoader(
+            valid.images, valid.labels, batch_size, train=False, num_classes=len(names), mesh=mesh
+        )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names, in label order (fastai's `dls.vocab`)."""
+        return self.train_ds.class_names
+
+    @property
+    def c(self) -> int:
+        """The number of classes (fastai's `dls.c`)."""
+        return len(self.classes)
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per training step."""
+        return self.train.batch_size
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W, C) of every image, as the model takes them."""
+        return tuple(self.train_ds.images.shape[1:])
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | os.PathLike,
+        train: str = "train",
+        valid: str = "valid",
+        valid_pct: float | None = None,
+        *,
+        size: int = 224,
+        batch_size: int = 64,
+        augment: Augment | None = None,
+        seed: int = 0,
+        resize: str = "crop",
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        mesh: Mesh | None = None,
+    ) -> ImageDataLoaders:
+        """Loaders of PATH/TRAIN/CLASS/* and PATH/VALID/CLASS/* (fastai's `from_folder`).
+
+        The class names are the sub-folders of PATH/TRAIN. When PATH/VALID does not
+        exist, or `valid_pct` is given, a stratified, seeded `valid_pct` of PATH/TRAIN
+        (default `DEFAULT_VALID_PCT`) is carved off as the validation set (and
+        PATH/VALID, if any, is not read).
+
+        Args:
+          path: the data set folder.
+          train, valid: names of the split folders.
+          valid_pct: fraction of the training images to validate on, in (0, 1).
+          size: side of the square images, in pixels (`load_image_folder`).
+          batch_size, augment, seed, mesh: as in `ImageDataLoaders`; `seed` also picks
+            the carved split.
+          resize: 'crop' (shortest side to `size`, centre square) or 'squash'.
+          cache_dir: where decoded arrays are cached (default $JAXLEARN_CACHE or
+            ~/.cache/jaxlearn).
+          progress: show progress bars while decoding.
+
+        Raises:
+          FileNotFoundError: PATH or PATH/TRAIN does not exist.
+          ValueError: `valid_pct` outside (0, 1), a class folder in PATH/VALID that
+            PATH/TRAIN lacks, no readable image, fewer than two classes, and the
+            errors of `ImageDataLoaders`.
+        """
+        _check_valid_pct(valid_pct)
+        load = dict(resize=resize, cache_dir=cache_dir, progress=progress)
+        carve_it = valid_pct is not None or not Path(path, valid).is_dir()
+        if not carve_it:
+            train_dir, valid_dir = Path(path, train), Path(path, valid)
+            if train_dir.is_dir():
+                extra = sorted(set(_class_folders(valid_dir)) - set(_class_folders(train_dir)))
+                if extra:
+                    raise ValueError(
+                        f"class folder(s) {extra} in {valid_dir} have no folder in {train_dir}: "
+                        "the model could never learn them"
+                    )
+        data = load_image_folder(path, train, size, **load)
+        if carve_it:
+            train_ds, valid_ds = _carved(data, valid_pct, seed)
+        else:
+            train_ds = data
+            valid_ds = load_image_folder(path, valid, size, class_names=data.class_names, **load)
+        return cls(
+            train_ds, valid_ds, batch_size=batch_size, augment=augment, seed=seed,
+            resize=resize, mesh=mesh,
+        )  # fmt: skip
+
+    @classmethod
+    def from_tfds(
+        cls,
+        name: str,
+        train: str = "train",
+        valid: str | None = None,
+        valid_pct: float | None = None,
+        *,
+        size: int | None = None,
+        batch_size: int = 64,
+        augment: Augment | None = None,
+        seed: int = 0,
+        resize: str = "crop",
+        data_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        mesh: Mesh | None = None,
+    ) -> ImageDataLoaders:
+        """Loaders of a tensorflow-datasets data set (`load_tfds`; tfds is imported on call).
+
+        Args:
+          name: tfds name, e.g. 'mnist', 'cifar10', 'imagenette/160px'.
+          train: the training split, slices included ('train', 'train[:90%]').
+          valid: the validation split; None (or `valid_pct` given): carve a stratified,
+            seeded `valid_pct` (default `DEFAULT_VALID_PCT`) of `train` instead.
+          valid_pct: fraction of `train` to validate on, in (0, 1).
+          size: side of the square images; None keeps their size (they must agree).
+          batch_size, augment, seed, resize, mesh: as in `from_folder`.
+          data_dir: tfds data folder (default: tfds's).
+          progress: show progress bars while decoding.
+
+        Raises:
+          ImportError: the data set is not prepared and TensorFlow is missing.
+          ValueError: as `from_folder`, and `load_tfds`'s errors.
+        """
+        _check_valid_pct(valid_pct)
+        load = dict(data_dir=data_dir, size=size, resize=resize, progress=progress)
+        data = load_tfds(name, train, **load)
+        if valid is None or valid_pct is not None:
+            train_ds, valid_ds = _carved(data, valid_pct, seed)
+        else:
+            train_ds, valid_ds = data, load_tfds(name, valid, **load)
+        return cls(
+            train_ds, valid_ds, batch_size=batch_size, augment=augment, seed=seed,
+            resize=resize, mesh=mesh,
+        )  # fmt: skip
+
+    def one_batch(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first `n` (default a batch) training images as the train step sees them.
+
+        They are epoch 0's first images in the loader's order, augmented with
+        `jax.random.key(seed)` when the loaders have an augmentation.
+
+        Returns:
+          (images, labels) as NumPy arrays.
+        """
+        n = self.batch_size if n is None else n
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        idx = self.train.order(0)[:n]
+        images = self.train_ds.images[idx]
+        if self.augment is not None:
+            images = np.asarray(self.augment(jax.random.key(self.seed), images))
+        return images, self.train_ds.labels[idx]
+
+    def show_batch(self, n: int = 9, path: str | os.PathLike | None = None):
+        """A grid of `n` training images (`one_batch`), each titled with its class.
+
+        Returns:
+          The matplotlib Figure (`jaxlearn.plots.plot_images`); saved as a PNG at `path`.
+        """
+        from jaxlearn.plots import plot_images
+
+        images, labels = self.one_batch(n)
+        if np.issubdtype(images.dtype, np.floating):
+            images = np.clip(images, 0.0, 1.0)  # colour augmentations may overshoot [0, 1]
+        return plot_images(images, [self.classes[i] for i in labels], path=path)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataLoaders({len(self.train_ds)} train / {len(self.valid_ds)} valid images "
+            f"of shape {self.image_shape}, {self.c} classes {list(self.classes)}, "
+            f"batch_size {self.batch_size})"
+        )
+
+
+def _check_valid_pct(valid_pct: float | None) -> None:
+    if valid_pct is not None and not 0.0 < valid_pct < 1.0:
+        raise ValueError(f"valid_pct must lie in (0, 1), got {valid_pct}")
+
+
+def _carved(data: ImageArrays, valid_pct: float | None, seed: int) -> tuple:
+    """(train, valid): a stratified, seeded `valid_pct` of `data` carved off to validate on."""
+    valid_pct = DEFAULT_VALID_PCT if valid_pct is None else valid_pct
+    train, valid = carve(data, 1.0 - valid_pct, seed=seed)
+    if len(valid) == 0:
+        raise ValueError(f"valid_pct={valid_pct} of {len(data)} images leaves no validation image")
+    return train, valid

@@ -1,0 +1,300 @@
+"""The Learner: the same bits as the functional core, every method on a tiny folder,
+exact resume, export to a fresh process, and bad input named."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import REPO, write_color_folder
+from PIL import Image
+
+import jaxlearn as jl
+from jaxlearn import data, pretrained
+from jaxlearn.interpret import ClassificationInterpretation
+from jaxlearn.learner import Learner, load_learner, vision_learner
+from jaxlearn.loop import Callback
+from jaxlearn.models import get_model
+from jaxlearn.transfer import fastai_adam, optimizer_state_size
+
+SIZE, BATCH = 16, 8  # 16 px images, 19 training images: 2 steps an epoch
+
+
+def _same(a, b) -> bool:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """ROOT/train/{cats,dogs}, 12 colour-coded images each, and a private decoding cache."""
+    root = tmp_path_factory.mktemp("pets")
+    write_color_folder(root / "train", per_class=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dls(folder):
+    return jl.ImageDataLoaders.from_folder(
+        folder, size=SIZE, batch_size=BATCH, cache_dir=folder / "cache", progress=False
+    )
+
+
+def _learner(dls, tmp_path=None, **kwargs):
+    kwargs.setdefault("progress", False)
+    return vision_learner(dls, "mlp", pretrained=False, path=tmp_path or ".", **kwargs)
+
+
+def test_a_learner_run_is_the_functional_core_bit_for_bit(folder):
+    flip = data.random_flip()  # random: the learner's key must be the hand-made state's
+    flipping = jl.ImageDataLoaders.from_folder(
+        folder, size=SIZE, batch_size=BATCH, augment=flip, cache_dir=folder / "cache",
+        progress=False,
+    )  # fmt: skip
+    learn = _learner(flipping, seed=3)
+    learn.fit_one_cycle(2, 1e-2)
+
+    # The same run by hand: load, carve, loader, optimizer, state, step, fit.
+    pets = data.load_image_folder(folder, "train", SIZE, cache_dir=folder / "cache")
+    train, valid = data.carve(pets, 0.8, seed=0)
+    loader = jl.ArrayLoader(train.images, train.labels, BATCH, seed=0)
+    tx = optax.inject_hyperparams(fastai_adam)(learning_rate=jl.one_cycle(1e-2, 2 * len(loader)))
+    state = jl.TrainState.create(get_model("mlp", 2), tx, jax.random.key(3), train.images[:1])
+    step = jl.make_train_step(augment=flip)
+    state, history = jl.fit(state, loader, train_step=step, epochs=2, progress=False)
+
+    assert _same(learn.state.params, state.params)
+    assert int(learn.state.step) == int(state.step) == 2 * len(loader)
+    np.testing.assert_array_equal(learn.history["loss"], history["loss"])
+    np.testing.assert_array_equal(learn.history["lr"], history["lr"])
+    assert np.array_equal(flipping.valid_ds.images, valid.images)
+
+
+def test_lr_find_leaves_the_state_unchanged_bit_for_bit(dls):
+    learn = _learner(dls)
+    learn.freeze()  # the sweep trains the learner's own frozen set
+    before = jax.device_get(learn.state)
+    found = learn.lr_find(num_steps=12)
+    assert found.lrs.shape == (12,) and np.isfinite(found.losses).all()
+    assert _same(jax.device_get(learn.state), before)
+    assert learn.plot_lr_find().axes[0].get_xscale() == "log"
+
+
+@pytest.fixture(scope="module")
+def trained(dls, tmp_path_factory):
+    """A learner taken through fit, fit_sgdr and fine_tune, with error_rate as a metric."""
+    learn = _learner(dls, tmp_path_factory.mktemp("learner"), metrics=("accuracy", "error_rate"))
+    learn.fit(1, 1e-2)
+    learn.fit_sgdr(2, cycle_len=1, cycle_mult=2, lr_max=1e-2)
+    learn.fine_tune(2)
+    return learn
+
+
+def test_fits_run_on_one_step_count_and_sgdr_snapshots_each_cycle(trained):
+    steps_per_epoch = len(trained.dls.train)
+    # fit 1 epoch, SGDR 1 + 2 epochs, fine_tune 1 frozen + 2 unfrozen: 7 epochs in all.
+    np.testing.assert_array_equal(trained.history["step"], np.arange(7 * steps_per_epoch))
+    np.testing.assert_array_equal(trained.history["epoch"], np.arange(7))
+    assert len(trained.history["eval_error_rate"]) == 7
+    np.testing.assert_allclose(
+        trained.history["eval_error_rate"], 1 - trained.history["eval_accuracy"], atol=1e-6
+    )
+    # A snapshot at the bottom of each cycle, where SGDR's rate is 0.
+    assert len(trained.snapshots) == 2
+    assert trained.history["lr"][2 * steps_per_epoch - 1] == 0.0
+    assert trained.history["lr"][4 * steps_per_epoch - 1] == 0.0
+    assert trained.frozen == 0  # fine_tune ends unfrozen
+    assert trained.plot_losses().axes
+
+
+def test_freezing_rebuilds_the_optimizer_of_the_state(trained):
+    unfrozen = optimizer_state_size(trained.state.opt_state)
+    params = trained.state.params
+    trained.freeze()
+    assert optimizer_state_size(trained.state.opt_state) < unfrozen  # the body keeps no Adam state
+    assert _same(trained.state.params, params)
+    with pytest.raises(ValueError, match="n must be in"):
+        trained.freeze_to(5)
+    assert trained.frozen == -1  # unchanged by the refused call
+    trained.unfreeze()
+    assert optimizer_state_size(trained.state.opt_state) == unfrozen
+
+
+def test_predictions_validation_tta_ensemble_and_predict(trained, folder):
+    result = trained.validate()
+    assert set(result) == {"loss", "accuracy", "error_rate"}
+    probs, labels = trained.get_preds()
+    np.testing.assert_array_equal(labels, trained.dls.valid_ds.labels)
+    np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-5)
+    assert result["accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
+    tta, _ = trained.tta()
+    mirrored, _ = trained.get_preds(trained.dls.valid_ds.images[:, :, ::-1])
+    np.testing.assert_allclose(tta, (probs + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    ensemble, _ = trained.get_preds(ensemble=True)
+    assert ensemble.shape == probs.shape and not np.allclose(ensemble, probs)
+
+    path = folder / "train" / "dogs" / "3.png"
+    name, index, p = trained.predict(path)
+    assert name == trained.classes[index] == "dogs"
+    pixels = np.asarray(Image.open(path))  # 36x40: cropped and resized as the folder was
+    np.testing.assert_array_equal(trained.predict(pixels)[2], p)
+
+
+def test_interpretation_and_show_batch(trained):
+    interp = ClassificationInterpretation.from_learner(trained)
+    counts = interp.confusion_matrix()
+    assert counts.sum() == len(trained.dls.valid_ds)
+    np.testing.assert_array_equal(np.diag(counts), np.bincount(
+        interp.labels[interp.predictions == interp.labels], minlength=2))  # fmt: skip
+    assert len(interp.plot_top_losses(k=4).axes) == 4
+    drawn = interp.plot_confusion_matrix().axes[0].images[0].get_array()
+    np.testing.assert_array_equal(drawn, counts)
+    fig = trained.dls.show_batch(n=4)
+    assert sorted(ax.get_title() for ax in fig.axes) == sorted(
+        trained.classes[i] for i in trained.dls.one_batch(4)[1]
+    )
+
+
+def test_most_confused_lists_the_mistaken_pairs_most_frequent_first():
+    labels = np.array([0, 0, 0, 1, 2])
+    probs = np.eye(3)[[1, 1, 2, 0, 2]]  # predicted: b, b, c, a, c
+    interp = ClassificationInterpretation(np.zeros((5, 2, 2, 3)), labels, probs, "abc")
+    assert interp.most_confused() == [("a", "b", 2), ("a", "c", 1), ("b", "a", 1)]
+    assert interp.most_confused(min_val=2) == [("a", "b", 2)]
+
+
+def test_from_tfds_carves_a_stratified_validation_set(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(num_examples=40):  # random examples, no files, no network
+        mock = jl.ImageDataLoaders.from_tfds("mnist", valid_pct=0.25, batch_size=8, progress=False)
+    assert (len(mock.train_ds), len(mock.valid_ds)) == (30, 10)
+    assert mock.c == 10 and mock.image_shape == (28, 28, 1)
+    assert set(mock.valid_ds.labels) <= set(mock.train_ds.labels)
+
+
+class _Interrupt(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, step, state, metrics, history):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_save_load_and_an_interrupted_checkpointed_fit_resume_exactly(dls, tmp_path):
+    whole = _learner(dls, tmp_path)
+    whole.fit(1, 1e-2)
+    whole.save("one")
+    whole.fit_one_cycle(2, 1e-2)
+
+    # Killed mid-run, then the same fit again from the same point: it resumes.
+    cut = _learner(dls, tmp_path)
+    cut.load("one")
+    just_after_a_checkpoint = _Interrupt(2 * len(dls.train) + 1)  # saved at each epoch's end
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit_one_cycle(
+            2, 1e-2, checkpoint=tmp_path / "ckpt", callbacks=[just_after_a_checkpoint]
+        )
+    cut.fit_one_cycle(2, 1e-2, checkpoint=tmp_path / "ckpt")
+
+    assert _same(cut.state, whole.state)
+    for key in ("step", "loss", "lr", "eval_loss"):
+        np.testing.assert_array_equal(cut.history[key], whole.history[key])
+    with pytest.raises(ValueError, match="another run"):
+        cut.fit_one_cycle(3, 1e-2, checkpoint=tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="no saved learner"):
+        cut.load("two")
+
+
+PROBE = """
+import json, sys
+import numpy as np
+from jaxlearn import load_learner
+name, index, probs = load_learner(sys.argv[1]).predict(sys.argv[2])
+print(json.dumps([name, index, np.asarray(probs).tolist()]))
+"""
+
+
+def test_export_then_load_learner_in_a_fresh_process_predicts_the_same(trained, folder, tmp_path):
+    path = trained.export(tmp_path / "pets.jaxlearn")
+    image = folder / "train" / "cats" / "5.png"
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), str(image)],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    name, index, probs = json.loads(out.stdout.splitlines()[-1])
+    expected = trained.predict(image)
+    assert (name, index) == expected[:2]
+    np.testing.assert_array_equal(np.asarray(probs, np.float32), expected[2])
+
+    loaded = load_learner(path)
+    assert loaded.dls is None and loaded.classes == trained.classes
+    with pytest.raises(ValueError, match="has no data"):
+        loaded.fit(1)
+
+
+def test_export_refuses_what_a_fresh_process_could_not_rebuild(dls, tmp_path):
+    learn = Learner(dls, get_model("mlp", 2), preprocess=lambda x: x / 255.0, progress=False)
+    with pytest.raises(ValueError, match=r"preprocess: .*lambda"):
+        learn.export(tmp_path / "x.jaxlearn")
+
+    class Local(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(2, name="fc")(x.reshape(len(x), -1))
+
+    fc = {"kernel": np.zeros((SIZE * SIZE * 3, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    local = Learner(dls, Local(), {"params": {"fc": fc}}, progress=False)  # no init to compile
+    with pytest.raises(ValueError, match=r"the model: .*inside a function"):
+        local.export(tmp_path / "y.jaxlearn")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_input_is_named(folder, dls, tmp_path, monkeypatch):
+    kwargs = dict(size=SIZE, batch_size=BATCH, cache_dir=tmp_path / "cache", progress=False)
+    one = tmp_path / "one" / "train" / "cats"
+    one.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(one / f"{i}.png")
+    with pytest.raises(ValueError, match=r"at least 2 classes .*\['cats'\]"):
+        jl.ImageDataLoaders.from_folder(tmp_path / "one", **kwargs)
+    for name in ("cats", "dogs"):
+        (tmp_path / "empty" / "train" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match="no image files"):
+        jl.ImageDataLoaders.from_folder(tmp_path / "empty", **kwargs)
+    write_color_folder(tmp_path / "three" / "train", per_class=2)
+    write_color_folder(tmp_path / "three" / "valid", names=("cats", "birds"), per_class=2)
+    with pytest.raises(ValueError, match=r"\['birds'\] in .*valid have no folder in .*train"):
+        jl.ImageDataLoaders.from_folder(tmp_path / "three", **kwargs)
+    for pct in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="valid_pct must lie in"):
+            jl.ImageDataLoaders.from_folder(folder, valid_pct=pct, **kwargs)
+
+    with pytest.raises(ValueError, match=r"arch must be one of .*'resnet9000'"):
+        vision_learner(dls, "resnet9000")
+    gone = dataclasses.replace(pretrained.WEIGHTS["efficientnet_lite0"], package="no-such-weights")
+    monkeypatch.setitem(pretrained.WEIGHTS, "efficientnet_lite0", gone)
+    with pytest.raises(FileNotFoundError, match=r"not installed.*pretrained=False"):
+        vision_learner(dls, "efficientnet_lite0")
+    with pytest.warns(UserWarning, match="no pretrained weights for 'mlp'"):
+        learn = vision_learner(dls, "mlp", progress=False)
+
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(ValueError, match=r"notes.txt cannot be read as an image: not an image"):
+        learn.predict(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        learn.predict(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"slice\(lo, hi\)"):
+        learn.fit(1, slice(1e-3))
+    with pytest.raises(ValueError, match="metrics must be"):
+        _learner(dls, metrics=("f1",))
+    with pytest.raises(ValueError, match="ensemble=True needs snapshots"):
+        learn.get_preds(ensemble=True)
