@@ -1,8 +1,9 @@
 """The Learner: the same bits as the functional core, every method on a tiny folder,
-exact resume, export to a fresh process, and bad input named."""
+exact resume, export to a fresh process, the README's five lines, and bad input named."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from conftest import REPO, write_color_folder
 from PIL import Image
 
 import jaxlearn as jl
-from jaxlearn import data, pretrained
+from jaxlearn import data, ensemble, pretrained
 from jaxlearn.interpret import ClassificationInterpretation
 from jaxlearn.learner import Learner, load_learner, vision_learner
 from jaxlearn.loop import Callback
@@ -23,6 +24,9 @@ from jaxlearn.models import get_model
 from jaxlearn.transfer import fastai_adam, optimizer_state_size
 
 SIZE, BATCH = 16, 8  # 16 px images, 19 training images: 2 steps an epoch
+# Random augmentation: a learner's key must be what the functional core makes of its seed.
+# One object for every learner here, so that they share their compiled train steps.
+FLIP = data.random_flip()
 
 
 def _same(a, b) -> bool:
@@ -43,8 +47,9 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dls(folder):
     return jl.ImageDataLoaders.from_folder(
-        folder, size=SIZE, batch_size=BATCH, cache_dir=folder / "cache", progress=False
-    )
+        folder, size=SIZE, batch_size=BATCH, augment=FLIP, cache_dir=folder / "cache",
+        progress=False,
+    )  # fmt: skip
 
 
 def _learner(dls, tmp_path=None, **kwargs):
@@ -52,29 +57,27 @@ def _learner(dls, tmp_path=None, **kwargs):
     return vision_learner(dls, "mlp", pretrained=False, path=tmp_path or ".", **kwargs)
 
 
-def test_a_learner_run_is_the_functional_core_bit_for_bit(folder):
-    flip = data.random_flip()  # random: the learner's key must be the hand-made state's
-    flipping = jl.ImageDataLoaders.from_folder(
-        folder, size=SIZE, batch_size=BATCH, augment=flip, cache_dir=folder / "cache",
-        progress=False,
-    )  # fmt: skip
-    learn = _learner(flipping, seed=3)
-    learn.fit_one_cycle(2, 1e-2)
+def test_a_learner_run_is_the_functional_core_bit_for_bit(dls, folder):
+    learn = _learner(dls, seed=3)
+    learn.fit_sgdr(2, cycle_len=1, cycle_mult=2, lr_max=1e-2)
 
-    # The same run by hand: load, carve, loader, optimizer, state, step, fit.
+    # The same run by hand: load, carve, loader, schedule, optimizer, state, step, fit.
     pets = data.load_image_folder(folder, "train", SIZE, cache_dir=folder / "cache")
     train, valid = data.carve(pets, 0.8, seed=0)
     loader = jl.ArrayLoader(train.images, train.labels, BATCH, seed=0)
-    tx = optax.inject_hyperparams(fastai_adam)(learning_rate=jl.one_cycle(1e-2, 2 * len(loader)))
+    lr = jl.sgdr(1e-2, cycle_steps=len(loader), cycle_mult=2, num_cycles=2)
+    tx = optax.inject_hyperparams(fastai_adam)(learning_rate=lr)
     state = jl.TrainState.create(get_model("mlp", 2), tx, jax.random.key(3), train.images[:1])
-    step = jl.make_train_step(augment=flip)
-    state, history = jl.fit(state, loader, train_step=step, epochs=2, progress=False)
+    capture = jl.CaptureParams(ensemble.snapshot_steps(lr))
+    state, history = jl.fit(state, loader, train_step=jl.make_train_step(augment=FLIP), epochs=3,
+                            callbacks=[capture], progress=False)  # fmt: skip
 
     assert _same(learn.state.params, state.params)
-    assert int(learn.state.step) == int(state.step) == 2 * len(loader)
+    assert len(learn.snapshots) == 2 and _same(learn.snapshots, capture.snapshots)
+    assert int(learn.state.step) == int(state.step) == 3 * len(loader)
     np.testing.assert_array_equal(learn.history["loss"], history["loss"])
     np.testing.assert_array_equal(learn.history["lr"], history["lr"])
-    assert np.array_equal(flipping.valid_ds.images, valid.images)
+    assert np.array_equal(dls.valid_ds.images, valid.images)
 
 
 def test_lr_find_leaves_the_state_unchanged_bit_for_bit(dls):
@@ -93,7 +96,7 @@ def trained(dls, tmp_path_factory):
     learn = _learner(dls, tmp_path_factory.mktemp("learner"), metrics=("accuracy", "error_rate"))
     learn.fit(1, 1e-2)
     learn.fit_sgdr(2, cycle_len=1, cycle_mult=2, lr_max=1e-2)
-    learn.fine_tune(2)
+    learn.fine_tune(2)  # as the README's five lines: they reuse its compiled programs
     return learn
 
 
@@ -190,26 +193,27 @@ class _Interrupt(Callback):
 
 
 def test_save_load_and_an_interrupted_checkpointed_fit_resume_exactly(dls, tmp_path):
+    sgdr = dict(n_cycles=2, cycle_len=1, cycle_mult=2, lr_max=1e-2)  # the programs `trained` ran
     whole = _learner(dls, tmp_path)
     whole.fit(1, 1e-2)
     whole.save("one")
-    whole.fit_one_cycle(2, 1e-2)
+    whole.fit_sgdr(**sgdr)
 
     # Killed mid-run, then the same fit again from the same point: it resumes.
     cut = _learner(dls, tmp_path)
     cut.load("one")
-    just_after_a_checkpoint = _Interrupt(2 * len(dls.train) + 1)  # saved at each epoch's end
+    # Step 2 + 2: the end of the first cycle (a snapshot) and epoch (a checkpoint).
+    just_after_a_checkpoint = _Interrupt(2 * len(dls.train) + 1)
     with pytest.raises(KeyboardInterrupt):
-        cut.fit_one_cycle(
-            2, 1e-2, checkpoint=tmp_path / "ckpt", callbacks=[just_after_a_checkpoint]
-        )
-    cut.fit_one_cycle(2, 1e-2, checkpoint=tmp_path / "ckpt")
+        cut.fit_sgdr(**sgdr, checkpoint=tmp_path / "ckpt", callbacks=[just_after_a_checkpoint])
+    cut.fit_sgdr(**sgdr, checkpoint=tmp_path / "ckpt")
 
     assert _same(cut.state, whole.state)
+    assert len(whole.snapshots) == 2 and _same(cut.snapshots, whole.snapshots)
     for key in ("step", "loss", "lr", "eval_loss"):
         np.testing.assert_array_equal(cut.history[key], whole.history[key])
     with pytest.raises(ValueError, match="another run"):
-        cut.fit_one_cycle(3, 1e-2, checkpoint=tmp_path / "ckpt")
+        cut.fit_sgdr(**{**sgdr, "n_cycles": 3}, checkpoint=tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="no saved learner"):
         cut.load("two")
 
@@ -256,6 +260,27 @@ def test_export_refuses_what_a_fresh_process_could_not_rebuild(dls, tmp_path):
     with pytest.raises(ValueError, match=r"the model: .*inside a function"):
         local.export(tmp_path / "y.jaxlearn")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_readmes_five_lines_run(folder, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Five lines")[1].split("## ")[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    # The README's folder, size and weights -> the tiny folder, and a tiny model from scratch.
+    cache = str(folder / "cache")
+    for old, new in (
+        ('"../shared/data/cats_and_dogs"', repr(str(folder))),
+        ("size=224", f"size={SIZE}, batch_size={BATCH}, augment=FLIP, cache_dir={cache!r}"),
+        ('"efficientnet_lite0"', '"mlp", pretrained=False, progress=False'),
+        ('"cats_dogs.jaxlearn"', repr(str(tmp_path / "cats_dogs.jaxlearn"))),
+    ):
+        assert old in code
+        code = code.replace(old, new)
+    scope = {"FLIP": FLIP}
+    exec(compile(code, "README.md", "exec"), scope)
+    probs, labels = scope["probs"], scope["labels"]
+    assert probs.shape == (len(labels), 2) and np.mean(probs.argmax(-1) == labels) > 0.5
+    assert load_learner(tmp_path / "cats_dogs.jaxlearn").classes == ("cats", "dogs")
 
 
 def test_bad_input_is_named(folder, dls, tmp_path, monkeypatch):
