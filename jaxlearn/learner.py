@@ -112,7 +112,7 @@ class Learner:
     Attributes:
       state: the `TrainState` (see the module docstring for what it holds between fits).
       history: the records of every fit, as one run (`loop.fit`'s keys; each fit
-        continues the step count, the epochs and the clock).
+        continues the step count and the epochs).
       snapshots: parameters captured at the end of each SGDR cycle (`fit_sgdr`).
       dls: the `ImageDataLoaders` (None for a learner from `load_learner`).
       model, preprocess, classes, image_shape, resize: what inference needs.
@@ -337,8 +337,7 @@ class Learner:
     ) -> None:
         """Train `n_epoch` epochs at a constant learning rate (fastai's `fit`).
 
-        The records go to `learn.history`, which `loop.fit` continues (one step count,
-        one clock).
+        The records go to `learn.history`, which `loop.fit` continues as one run.
 
         Args:
           n_epoch: epochs to train (>= 1).
@@ -671,11 +670,12 @@ def _metric_functions(metrics: Sequence[str | Callable]) -> dict[str, Callable]:
         metrics = (metrics,)
     out = {}
     for m in metrics:
-        if not (m in METRICS if isinstance(m, str) else callable(m)):
+        if isinstance(m, str) and m in METRICS:
+            out[m] = METRICS[m]
+        elif callable(m):
+            out[getattr(m, "__name__", type(m).__name__)] = m
+        else:
             raise ValueError(f"metrics must be names in {sorted(METRICS)} or functions, got {m!r}")
-        out[m if isinstance(m, str) else getattr(m, "__name__", type(m).__name__)] = (
-            METRICS[m] if isinstance(m, str) else m
-        )
     return out
 
 
