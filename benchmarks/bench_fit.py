@@ -13,7 +13,8 @@ Two models: an MLP (784-64-10) at batch 32, where a step takes ~0.1 ms and dispa
 the whole cost (the case where a per-step host sync shows most), and `cnn_small` (the
 dogs-vs-cats network) at 64 px, batch 32. Compilation is excluded (a warm-up run of
 each); `--repeats` runs of each, medians reported, and `ratio` = bare time / fit time
-(1.0: fit costs nothing). Writes benchmarks/results/fit.json.
+(1.0: fit costs nothing). Writes benchmarks/results/fit.json. `compare` is the same
+measurement for any model, batch and dtype, with the step's FLOPs (gpu_check.py uses it).
 
     python benchmarks/bench_fit.py            # 5 repeats
     python benchmarks/bench_fit.py --quick    # smoke run, 2 repeats of a few steps
