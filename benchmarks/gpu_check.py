@@ -317,7 +317,8 @@ def tests_section(config: Config, ctx: Context) -> dict:
 
 def race_section(config: Config, ctx: Context) -> dict:
     """Radek's race (A); each arm's seeds vmapped by `train_many`, in rounds while time is left."""
-    sys.path.insert(0, str(REPO / "experiments"))
+    if str(REPO / "experiments") not in sys.path:  # the scripts import their siblings
+        sys.path.insert(0, str(REPO / "experiments"))
     import cifar
     import cosine_annealing
 

@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import pytest
 from conftest import REPO, write_color_folder
 
@@ -72,7 +73,7 @@ def run(name: str, config: gpu_check.Config, work) -> dict:
 
 def test_env_and_throughput_sections_record_sane_values(tiny, tmp_path):
     env = run("env", tiny, tmp_path)
-    assert env["backend"] == "cpu" and env["devices"] and env["versions"]["jax"]
+    assert env["backend"] == jax.default_backend() and env["devices"] and env["versions"]["jax"]
     assert env["jaxlearn_modules"] == {}  # every module imports
     assert "no_such_package" not in env["missing_optional"]
     cases = run("throughput", tiny, tmp_path)["cases"]
