@@ -6,18 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
 ensure_venv .venv "[weights]"
-# XLA:CPU flags; they only touch the CPU backend (benchmarks/README.md has the numbers):
-# - jaxlib 0.10 sends CPU convolutions to YNNPACK, 2.7-3.8x slower than XLA's Eigen
-#   convolutions for a ResNet train step on our AMD EPYC;
-# - its concurrency-optimised scheduler keeps more temporaries alive at once, which
-#   XLA:CPU allocates anew on every call: an EfficientNet-Lite0 train step takes 2.3 s
-#   with the memory-minimising one instead of 6.1 s.
-case "${XLA_FLAGS:-}" in
-  *ynn_fusion_type*) ;;
-  *) export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_experimental_ynn_fusion_type=-individual_convolution" ;;
-esac
-case "${XLA_FLAGS:-}" in
-  *concurrency_optimized_scheduler*) ;;
-  *) export XLA_FLAGS="${XLA_FLAGS} --xla_cpu_enable_concurrency_optimized_scheduler=false" ;;
-esac
+# XLA:CPU flags (jaxlearn.runs holds them and their numbers): convolutions on XLA's
+# Eigen kernels instead of jaxlib 0.10's YNNPACK (2.7-3.8x faster ResNet steps on our AMD
+# EPYC) and the memory-minimising scheduler (EfficientNet-Lite0 steps 6.1 -> 2.3 s).
+# A flag already in XLA_FLAGS stays as set; one this jaxlib does not define is left out.
+XLA_FLAGS="$(.venv/bin/python -c 'from jaxlearn import runs; print(runs.with_xla_flags([runs.YNN_CONV_OFF, runs.MEMORY_SCHEDULER]))')"
+export XLA_FLAGS
 exec .venv/bin/python experiments/quickstart.py "$@"

