@@ -441,8 +441,10 @@ def fit(
             c.on_train_begin(step, state, history)
         stop = step >= total
         done = step // steps_per_epoch
-        if step % steps_per_epoch == 0 and history["step"] and len(history["epoch"]) < done:
-            # Resumed from a checkpoint written at the last step of an epoch, before its record.
+        recorded = history["epoch"][-1] if history["epoch"] else -1
+        if step % steps_per_epoch == 0 and history["step"] and recorded < done - 1:
+            # Resumed from a checkpoint written at the last step of an epoch, before its
+            # record. (The history may start at a later epoch: a later phase's own.)
             stop = end_epoch() or stop
         checked = False
         while not stop:

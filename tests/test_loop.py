@@ -197,6 +197,17 @@ def test_resume_at_an_epoch_boundary_runs_the_epoch_callbacks(tmp_path):
     np.testing.assert_array_equal(history["epoch"], [0, 1])
 
 
+def test_a_history_that_starts_later_gets_its_last_epoch_once():
+    # A later phase's own history (fine_tune's unfrozen phase, a Learner's fit), continued
+    # at the epoch boundary where it ended: nothing to train, nothing to record again.
+    state, loader, step = make_run()
+    state, _ = fit(state, loader, train_step=step, epochs=1, progress=False)
+    state, history = fit(state, loader, train_step=step, epochs=2, progress=False)
+    np.testing.assert_array_equal(history["epoch"], [1])
+    _, history = fit(state, loader, train_step=step, epochs=2, history=history, progress=False)
+    np.testing.assert_array_equal(history["epoch"], [1])
+
+
 def test_a_checkpoint_directory_never_mixes_two_runs(tmp_path):
     state, loader, step = make_run()
     ckpt = Checkpointer(tmp_path)
