@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from jaxlearn.inference import check_fits
 from jaxlearn.parallel import data_mesh, replicate
 from jaxlearn.state import TrainState
+from jaxlearn.steps import TARGET_TOLERANCE
 
 #: Per-step history keys (the step's index, then its metrics).
 STEP_KEYS = ("step", "loss", "accuracy", "lr")
@@ -289,7 +290,25 @@ def check_batch(step_fn: Callable, state: TrainState, batch: dict, what: str) ->
         raise ValueError(f"batches must be dicts with 'image' and 'label', got {shapes}")
     if not np.issubdtype(batch["label"].dtype, np.integer):
         raise ValueError(f"batch 'label' must be integer class indices, got {shapes['label']}")
+    if "target" in batch:
+        _check_targets(np.asarray(jax.device_get(batch["target"])), len(batch["label"]))
     check_fits(step_fn, state, batch, what=f"the first {what} batch {shapes}")
+
+
+def _check_targets(target: np.ndarray, n: int) -> None:
+    """ValueError unless `target` is (n, C) float probability rows (the steps' tolerance)."""
+    if target.ndim != 2 or len(target) != n or not np.issubdtype(target.dtype, np.floating):
+        raise ValueError(
+            f"batch 'target' must be (N, C) float probability rows for N={n} labels, got "
+            f"{target.shape} {target.dtype}"
+        )
+    sums = target.sum(-1, dtype=np.float64)
+    bad = np.flatnonzero((np.abs(sums - 1.0) > TARGET_TOLERANCE) | (target < 0).any(-1))
+    if bad.size:
+        raise ValueError(
+            f"batch 'target' rows must be distributions (>= 0, summing to 1); "
+            f"rows {bad[:5].tolist()} sum to {sums[bad[:5]].tolist()}"
+        )
 
 
 class _Progress:
@@ -379,7 +398,7 @@ def fit(
 
     Raises:
       ValueError: bad arguments, a first batch that does not fit the model, or
-        labels outside the model's classes.
+        labels outside the model's classes (soft targets that are not distributions).
       NonFiniteLossError: the loss became NaN or inf (checkpoints stop at the last good step).
     """
     if epochs is None and steps is None:
@@ -417,7 +436,10 @@ def fit(
         records = [{k: v[j] for k, v in stacked.items()} for j in range(len(pending))]
         for (i, _, _), m in zip(pending, records, strict=True):
             if m.pop("bad_labels", 0):
-                raise ValueError(f"labels outside the model's classes in the batch of step {i}")
+                raise ValueError(
+                    f"labels outside the model's classes (or soft targets that are not "
+                    f"distributions) in the batch of step {i}"
+                )
             if not math.isfinite(m["loss"]):
                 saved = [c.last_saved for c in callbacks if isinstance(c, Checkpoint)]
                 raise NonFiniteLossError(

@@ -55,21 +55,30 @@ __all__ = [
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy against integer labels, with optional label smoothing.
+    """Per-example softmax cross-entropy against integer or soft labels, with label smoothing.
 
     Label smoothing (Szegedy et al. 2016, "Rethinking the Inception
-    Architecture") mixes the one-hot target with the uniform distribution:
-    `(1 - a) * onehot + a / num_classes`.
+    Architecture") mixes the target with the uniform distribution:
+    `(1 - a) * target + a / num_classes`. Soft labels are probability rows, e.g.
+    mixup's and cutmix's mixed targets (`jaxlearn.data.mix`); an integer label
+    is its one-hot row.
 
     Args:
       logits: (N, C) float logits.
-      labels: (N,) integer labels in [0, C).
+      labels: (N,) integer labels in [0, C), or (N, C) float rows summing to 1.
       label_smoothing: a in [0, 1).
 
     Returns:
       (N,) float32 losses.
     """
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    elif labels.shape == logits.shape:
+        targets = labels.astype(jnp.float32)
+    else:
+        raise ValueError(
+            f"soft labels must have the logits' shape {logits.shape}, got {labels.shape}"
+        )
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
@@ -96,22 +105,38 @@ def injected_learning_rate(opt_state: Any) -> jax.Array | None:
     return jnp.max(jnp.stack(found)) if found else None
 
 
-def _check_options(preprocess, augment, label_smoothing: float = 0.0) -> None:
-    if preprocess is not None and not callable(preprocess):
-        raise ValueError(f"preprocess must be callable, got {preprocess!r}")
-    if augment is not None and not callable(augment):
-        raise ValueError(f"augment must be callable, got {augment!r}")
+def _check_options(preprocess, augment, label_smoothing: float = 0.0, batch_augment=None) -> None:
+    for name, fn in (
+        ("preprocess", preprocess),
+        ("augment", augment),
+        ("batch_augment", batch_augment),
+    ):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be callable, got {fn!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
+#: How far a soft-label row's sum may stray from 1: float32 sums of up to ~1,000
+#: classes round to ~1e-5, a row that is not a distribution misses by far more.
+TARGET_TOLERANCE = 1e-3
+
+
 def _weights_and_checks(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """Row weights (the mask, or ones) and the number of unmasked out-of-range labels."""
+    """Row weights (the mask, or ones) and the number of unmasked bad rows.
+
+    A row is bad when its label is outside [0, num_classes) or its soft `target`
+    (if any) is not a probability row: a negative entry or a sum off 1.
+    """
     labels = batch["label"]
     mask = batch.get("mask")
     weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    bad = ((labels < 0) | (labels >= num_classes)) & (weights > 0)
-    return weights, jnp.sum(bad, dtype=jnp.int32)
+    bad = (labels < 0) | (labels >= num_classes)
+    if "target" in batch:
+        target = batch["target"].astype(jnp.float32)
+        off = jnp.abs(jnp.sum(target, -1) - 1.0) > TARGET_TOLERANCE
+        bad = bad | off | jnp.any(target < 0, -1)
+    return weights, jnp.sum(bad & (weights > 0), dtype=jnp.int32)
 
 
 class _Compiled:
@@ -266,6 +291,7 @@ def make_train_step(
     weight_decay: float = 0.0,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
+    batch_augment: Callable[[jax.Array, Batch], Batch] | None = None,
     compute_dtype: Any = None,
     mesh: Mesh | None = None,
     jit: bool = True,
@@ -291,20 +317,29 @@ def make_train_step(
       augment: `(key, images) -> images` applied to the raw batch images before
         `preprocess`, with a key derived from `fold_in(state.rng, state.step)`.
       preprocess: `images -> float images` for the model; default uint8 -> [0, 1].
+      batch_augment: `(key, batch) -> batch` applied to the preprocessed batch,
+        e.g. `jaxlearn.data.mix.MixUp` / `CutMix`; it may add a `"target"` of
+        (N, C) probability rows, which the loss then uses (smoothed by
+        `label_smoothing`), while accuracy counts its `"label"`. Its key is split
+        from the augment key, so steps without it keep their keys.
       compute_dtype: None/float32, or bfloat16 (needs a model with a `dtype`).
       mesh: data mesh (default `data_mesh()`): batch split over 'data', state replicated.
       jit: False returns the pure, unjitted function.
 
+    A batch may also bring its own `"target"` rows (soft labels). Rows whose label
+    is out of range or whose target is not a distribution count in `bad_labels`.
+
     Returns:
       `train_step(state, batch) -> (state, metrics)`, metrics being float32
       scalars `loss`, `accuracy`, `lr` (when the optimizer injects it, see the
-      module docstring) and int32 `bad_labels` (labels outside [0, num_classes),
-      which `fit` turns into an error). The jitted step (a `TrainStep`) donates
+      module docstring) and int32 `bad_labels` (rows with a label outside
+      [0, num_classes) or a target that is not a distribution, which `fit` turns
+      into an error). The jitted step (a `TrainStep`) donates
       the incoming state's buffers: do not use `state` after passing it in.
       Calls with the same arguments (functions compared by identity) return the
       same step, so its compiled programs serve every seed and phase.
     """
-    _check_options(preprocess, augment, label_smoothing)
+    _check_options(preprocess, augment, label_smoothing, batch_augment)
     compute_dtype = check_compute_dtype(compute_dtype)
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -312,11 +347,15 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        if batch_augment is not None:
+            aug_key, mix_key = jax.random.split(aug_key)
         images = batch["image"]
         if augment is not None:
             images = augment(aug_key, images)
-        x = preprocess(images)
-        labels = batch["label"]
+        batch = {**batch, "image": preprocess(images)}
+        if batch_augment is not None:
+            batch = batch_augment(mix_key, batch)
+        x, labels = batch["image"], batch["label"]
         apply_fn = with_compute_dtype(state.apply_fn, compute_dtype)
 
         def loss_fn(params):
@@ -328,7 +367,7 @@ def make_train_step(
             )
             logits = logits.astype(jnp.float32)
             weights, bad = _weights_and_checks(batch, logits.shape[-1])
-            per_example = cross_entropy(logits, labels, label_smoothing)
+            per_example = cross_entropy(logits, batch.get("target", labels), label_smoothing)
             loss = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
             total = loss + weight_decay * l2_penalty(params) if weight_decay else loss
             correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)

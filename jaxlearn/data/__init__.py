@@ -3,8 +3,9 @@
 Sources: `load_image_folder` (ROOT/SPLIT/CLASS/*), `load_tfds` (tensorflow-
 datasets by name and split), `load_mnist` (the four idx files). Then `carve`
 a validation set or take a `subset`, feed `ArrayLoader`, and augment on the
-device with the functions of `jaxlearn.data.augment`. `ImageDataLoaders` does
-the steps from a folder or a tfds name to the two loaders in one call.
+device with the functions of `jaxlearn.data.augment` (and mix pairs of examples
+with `jaxlearn.data.mix`). `ImageDataLoaders` does the steps from a folder or a
+tfds name to the two loaders in one call.
 """
 
 from jaxlearn.data.arrays import ImageArrays
@@ -27,6 +28,7 @@ from jaxlearn.data.cache import default_cache_dir
 from jaxlearn.data.dataloaders import ImageDataLoaders
 from jaxlearn.data.folders import load_image_folder
 from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.data.mix import BatchAugment, CutMix, MixUp
 from jaxlearn.data.mnist import load_mnist
 from jaxlearn.data.split import carve, carve_indices, subset
 from jaxlearn.data.tfds import hide_gpus_from_tensorflow, load_tfds
@@ -34,8 +36,11 @@ from jaxlearn.data.tfds import hide_gpus_from_tensorflow, load_tfds
 __all__ = [
     "ArrayLoader",
     "Augment",
+    "BatchAugment",
+    "CutMix",
     "ImageArrays",
     "ImageDataLoaders",
+    "MixUp",
     "carve",
     "carve_indices",
     "channel_stats",
