@@ -6,7 +6,7 @@
 #   benchmarks/gpu_check.sh --out "$OUT"                  # there: full size, < 6 min
 #
 # The device machine is offline and gets the repository plus what `carry` names: carry
-# .gpu (git-ignored; ~57 MiB with the repository, of 64), which holds the wheels of the
+# .gpu (git-ignored; ~29 MiB with the repository, of 64), which holds the wheels of the
 # packages it lacks and CIFAR-10 packed. Its Python 3.12 has jax, flax, optax, orbax,
 # torch, pytest, hypothesis and pillow, not tensorflow-datasets; jaxlearn runs from this
 # checkout (PYTHONPATH), not installed: `pip install` would resolve its dependencies.

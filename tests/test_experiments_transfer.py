@@ -92,7 +92,11 @@ def test_fine_tune_and_scratch_arms_report_on_the_same_set(data, imagenette_weig
             "--arch", "resnet10"]  # fmt: skip
     metrics = transfer.main(argv)
     assert metrics["reported_on"] == "valid" and metrics["report_size"] == 24
-    assert set(metrics["fine_tune_650"]) == {"fine_tune", "fine_tune_tta", "scratch", "scratch_tta"}
+    assert set(metrics["fine_tune_650"]) == {
+        f"{arm}{tta}" for arm in ("linear_probe", "fine_tune", "scratch") for tta in ("", "_tta")
+    }
+    # Colour separates the classes: a linear head on the features must beat chance.
+    assert metrics["fine_tune_650"]["linear_probe"]["mean"] > 0.6
     for row in metrics["fine_tune_650"].values():
         assert len(row["values"]) == transfer.QUICK["seeds"]
         assert all(0 <= v <= 1 for v in row["values"])
