@@ -15,7 +15,10 @@ in the background while training goes on; reads wait for pending writes.
 Restoring reads arrays against an abstract target built from a live state (shapes,
 dtypes, shardings), so the optimizer state keeps its NamedTuple structure and
 arrays land directly on the mesh. A checkpoint of a different model is refused
-with the mismatched keys named, before anything is read.
+with the mismatched keys named, before anything is read. A state with an EMA of
+its weights (`jaxlearn.state.with_ema`) saves it as `state/ema/...`; one without
+saves exactly what it did before, so restoring needs a target with (or without)
+an EMA as the checkpoint has it (the refusal names the `ema/...` keys).
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
 
 
 def _state_tree(state: TrainState) -> dict:
-    return {f: getattr(state, f) for f in _STATE_FIELDS}
+    """The arrays to save; `ema` only when the state has one (older checkpoints lack it)."""
+    tree = {f: getattr(state, f) for f in _STATE_FIELDS}
+    if state.ema is not None:
+        tree["ema"] = state.ema
+    return tree
 
 
 def _key_name(entry: Any) -> str:

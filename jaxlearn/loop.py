@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from jaxlearn.inference import check_fits
 from jaxlearn.parallel import data_mesh, replicate
-from jaxlearn.state import TrainState
+from jaxlearn.state import TrainState, ema_variables
 from jaxlearn.steps import TARGET_TOLERANCE
 
 #: Per-step history keys (the step's index, then its metrics).
@@ -118,22 +118,26 @@ class CaptureParams(Callback):
 
     Snapshot ensembles (Huang et al. 2017) capture the weights at the end of
     each cosine cycle; the copies are NumPy, so the donating train step cannot
-    invalidate them.
+    invalidate them. With `ema=True` the captures are the state's EMA of its
+    weights (`jaxlearn.state.ema_variables`) instead.
     """
 
-    def __init__(self, at_steps: Iterable[int], snapshots: list | None = None):
+    def __init__(
+        self, at_steps: Iterable[int], snapshots: list | None = None, *, ema: bool = False
+    ):
         """Args: at_steps: step counts (`state.step` after the update) to capture at;
-        snapshots: earlier captures to continue (e.g. restored from a checkpoint)."""
+        snapshots: earlier captures to continue (e.g. restored from a checkpoint);
+        ema: capture the EMA weights (the state must carry an EMA)."""
         self.at_steps = {int(s) for s in at_steps}
         if any(s <= 0 for s in self.at_steps):
             raise ValueError(f"at_steps must be positive step counts, got {sorted(self.at_steps)}")
         self.snapshots: list = list(snapshots or [])
+        self.ema = ema
 
     def on_step_end(self, step, state, metrics, history):
         if step in self.at_steps:
-            self.snapshots.append(
-                jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-            )
+            live = {"params": state.params, "batch_stats": state.batch_stats}
+            self.snapshots.append(jax.device_get(ema_variables(state) if self.ema else live))
 
 
 class Checkpoint(Callback):

@@ -197,9 +197,16 @@ def consts_of(state: TrainState) -> tuple:
     return optimizer_program(state.tx, state.opt_state, state.params)[1]
 
 
+#: The array fields of a `TrainState`, in the order `arrays` gives them.
+FIELDS = ("step", "params", "batch_stats", "opt_state", "rng", "ema")
+
+
 def arrays(state: TrainState) -> tuple:
-    """The state's arrays alone: (step, params, batch_stats, opt_state, rng)."""
-    return state.step, state.params, state.batch_stats, state.opt_state, state.rng
+    """The state's arrays alone: (step, params, batch_stats, opt_state, rng, ema).
+
+    `ema` is None (no arrays) unless the state carries an EMA of its weights.
+    """
+    return tuple(getattr(state, f) for f in FIELDS)
 
 
 def merge(static: tuple[Keyed, Keyed | None], fields: tuple, consts: tuple) -> TrainState:
@@ -212,9 +219,9 @@ def merge(static: tuple[Keyed, Keyed | None], fields: tuple, consts: tuple) -> T
 
     model, tx_key = static
     tx = None if tx_key is None else bind_optimizer(tx_key, consts)
-    return TrainState(*fields, apply_fn=model.value, tx=tx)
+    return TrainState(**dict(zip(FIELDS, fields, strict=True)), apply_fn=model.value, tx=tx)
 
 
 def with_arrays(fields: tuple, like: TrainState) -> TrainState:
     """A state of these arrays with the model and optimizer objects of `like`."""
-    return type(like)(*fields, apply_fn=like.apply_fn, tx=like.tx)
+    return type(like)(**dict(zip(FIELDS, fields, strict=True)), apply_fn=like.apply_fn, tx=like.tx)

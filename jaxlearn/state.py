@@ -6,13 +6,18 @@ transformation ride along as static (non-pytree) fields. `jax.jit` compares
 static fields by identity, so jaxlearn's compiled steps do not pass the state in
 as it is: they key its model and optimizer by value (`jaxlearn.programs`), and a
 new optimizer object of the same kind reuses the compiled program.
+
+An exponential moving average of the weights (`with_ema`) rides in the state too,
+so the train step updates it, checkpoints save it, and it is replicated and
+donated like the parameters; without one (the default) the state holds None
+there, which is no array at all: no memory, no work, the same checkpoints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,6 +26,26 @@ import optax
 from flax import struct
 
 from jaxlearn import programs
+
+
+class Ema(NamedTuple):
+    """An exponential moving average of a model's variables, as optax's `ema` keeps it.
+
+    The average starts from zeros and is read debiased (`optax.ema(decay,
+    debias=True)`): after t updates it is the average of the t variables seen,
+    weighted by `(1 - decay) * decay**(t - i)` and normalized by `1 - decay**t`,
+    so the random initial weights never enter it (a plain EMA started from them
+    would still hold 0.999**600 = 55% of them after 600 steps at decay 0.999).
+
+    Attributes:
+      decay: float32 scalar in (0, 1); data, so every decay shares one compiled step.
+      count: int32 scalar, the number of updates averaged.
+      variables: the biased running average of `{'params', 'batch_stats'}`.
+    """
+
+    decay: jax.Array
+    count: jax.Array
+    variables: dict
 
 
 class TrainState(struct.PyTreeNode):
@@ -35,6 +60,8 @@ class TrainState(struct.PyTreeNode):
         keys as `fold_in(rng, step)`, so randomness is a function of the step.
       apply_fn: the model's `apply` (static).
       tx: the Optax transformation (static).
+      ema: an `Ema` of params and batch_stats that each train step updates, or
+        None (the default: no EMA, nothing stored or computed); see `with_ema`.
     """
 
     step: jax.Array
@@ -44,6 +71,7 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    ema: Ema | None = None
 
     @classmethod
     def create(
@@ -114,3 +142,69 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any) -> Any:
     """`tx.init(params)`, compiled once per optimizer program (`jaxlearn.programs`)."""
     key, consts = programs.function_program(tx.init, params)
     return _init_program(key, consts, params)
+
+
+def with_ema(state: TrainState, decay: float) -> TrainState:
+    """The state with a fresh EMA of its params and BatchNorm statistics attached.
+
+    Every later train step folds its new variables into the average (after the
+    optimizer's update, as optax's `ema` does). Typical decays: 0.999 for runs
+    of tens of thousands of steps, 0.99 for a few thousand (the average spans
+    about `1 / (1 - decay)` steps). The arrays take the sharding of the state's
+    own (replicated like the parameters), and a stacked state (`init_many`) gets
+    one EMA per model.
+
+    Args:
+      state: the train state (not modified).
+      decay: in (0, 1).
+
+    Returns:
+      `state` with `ema` set; its count starts at 0.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must be a number in (0, 1), got {decay!r}")
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    ema = Ema(
+        decay=jnp.full_like(state.step, decay, dtype=jnp.float32),
+        count=jnp.zeros_like(state.step),
+        variables=jax.tree.map(jnp.zeros_like, variables),
+    )
+    return state.replace(ema=ema)
+
+
+def update_ema(ema: Ema, variables: dict) -> Ema:
+    """`ema` with `variables` folded in: one step of `optax.ema(decay, debias=True)`."""
+    _, new = optax.ema(ema.decay).update(variables, optax.EmaState(ema.count, ema.variables))
+    return Ema(ema.decay, new.count, new.ema)
+
+
+def ema_variables(state: TrainState) -> dict:
+    """The EMA's debiased `{'params', 'batch_stats'}`: a snapshot, usable wherever variables are.
+
+    Evaluation, prediction, TTA and snapshot ensembles take it as they take
+    `state.variables` (e.g. `ensemble.predict(apply_fn, [ema_variables(state)], x)`).
+    Before the first update since `with_ema` it is the state's own variables.
+    A pure function of the state (usable under jit); for stacked states, vmap it.
+    """
+    if state.ema is None:
+        raise ValueError("the state carries no EMA: attach one with with_ema(state, decay)")
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return _debiased(state.ema, variables)
+
+
+@jax.jit
+def _debiased(ema: Ema, live: dict) -> dict:
+    """optax's bias correction of the average; the live variables before any update."""
+    average = optax.tree.bias_correction(ema.variables, ema.decay, ema.count)
+    return jax.tree.map(lambda a, x: jnp.where(ema.count > 0, a, x), average, live)
+
+
+def with_ema_weights(state: TrainState) -> TrainState:
+    """The state with its params and batch_stats replaced by the EMA's (and no EMA).
+
+    For what takes a state -- `loop.evaluate`, `Learner` methods, `fit`'s
+    callbacks -- to see the averaged model. Its other arrays are the state's own:
+    evaluate it, but keep training the original.
+    """
+    variables = ema_variables(state)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"], ema=None)

@@ -37,7 +37,7 @@ from jaxlearn.inference import (
     with_compute_dtype,
 )
 from jaxlearn.parallel import batch_sharding, data_mesh, replicated_sharding
-from jaxlearn.state import TrainState
+from jaxlearn.state import TrainState, update_ema
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -305,6 +305,9 @@ def make_train_step(
     2019) leave this at 0 and put `optax.add_decayed_weights` in the optimizer.
     The reported `loss` is the cross-entropy alone, comparable with eval loss.
 
+    A state that carries an EMA of its weights (`jaxlearn.state.with_ema`) has it
+    updated after the optimizer's step; a state without one pays nothing.
+
     Mixed precision (`compute_dtype=jnp.bfloat16`): the model runs with its
     `dtype` set to bf16, so every convolution and matmul takes bf16 operands
     (Flax casts the float32 parameters inside each layer); parameters, their
@@ -385,6 +388,9 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
+        if state.ema is not None:  # the state's structure says: no EMA, no work
+            variables = {"params": params, "batch_stats": batch_stats}
+            new_state = new_state.replace(ema=update_ema(state.ema, variables))
         metrics = {"loss": loss, "accuracy": accuracy, "bad_labels": bad}
         lr = injected_learning_rate(opt_state)
         if lr is not None:
@@ -406,7 +412,7 @@ class EvalStep(_Compiled):
 
     def _args(self, state: TrainState, batch: Batch) -> tuple:
         # Only what evaluation uses: no optimizer in the program key or the arguments.
-        fields = (state.step, state.params, state.batch_stats, None, state.rng)
+        fields = (state.step, state.params, state.batch_stats, None, state.rng, None)
         static = (programs.model_key(state.apply_fn), None)
         return static, self._on_mesh(fields), (), self._batch_on_mesh(batch)
 
