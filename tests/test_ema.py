@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import count_compilations
 from core_worker import make_run, tiny_data
 
 from jaxlearn import ensemble, programs
@@ -72,6 +73,11 @@ def test_ema_is_optax_ema_of_the_variables_and_changes_no_training():
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert int(final.ema.count) == 3
+    # The decay is data: another decay (another seed) runs the compiled program.
+    other = with_ema(make_run(seed=1)[0], 0.95)
+    with count_compilations() as compiled:
+        step(other, batches[0])
+    assert len(compiled) == 0
     # Not the live weights: an average of three different ones.
     assert not np.allclose(got["params"]["Dense_0"]["kernel"], final.params["Dense_0"]["kernel"])
 
