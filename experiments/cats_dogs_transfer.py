@@ -372,13 +372,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs.write_results(args.out, config=config, metrics=metrics,
                        seeds=list(range(cfg["seeds"])), started=started)  # fmt: skip
     print(f"\nreported on {report_name} ({len(report)} images); source: {source} ({args.arch})")
-    print(f"{'majority class':28}{metrics['majority_class_accuracy']:.4f}")
+    print(f"{'majority class':36}{metrics['majority_class_accuracy']:.4f}")
     for name, d in metrics.get("few_shot", {}).items():
         quartiles = f"[q1 {d['q1']:.4f}, q3 {d['q3']:.4f}]"
         span = f"range {d['min']:.4f}-{d['max']:.4f}"
-        print(f"{'(a) 6 images, ' + name:28}median {d['median']:.4f} {quartiles} {span}")
+        print(f"{'(a) 6 images, ' + name:36}median {d['median']:.4f} {quartiles} {span}")
     for name, d in metrics.get("fine_tune_650", {}).items():
-        print(f"{'(b) 650 images, ' + name:28}{d['mean']:.4f} +- {d['std']:.4f} ({d['n']} seeds)")
+        print(f"{'(b) 650 images, ' + name:36}{d['mean']:.4f} +- {d['std']:.4f} ({d['n']} seeds)")
     print(f"references: (a) {REFERENCE_FEW_SHOT}, (b) {REFERENCE_FINE_TUNE} (full data)")
     return metrics
 
