@@ -58,11 +58,13 @@ def test_ema_is_optax_ema_of_the_variables_and_changes_no_training():
     final, averaged = _run(ema_state, step, batches)
     replicated = replicated_sharding(jax.sharding.Mesh(jax.devices(), ("data",)))
     assert all(x.sharding == replicated for x in jax.tree.leaves(final.ema))
-    # Training is untouched: the same parameters, bit for bit, with or without the EMA.
+    # Training is untouched: the same parameters with or without the EMA. Up to rounding:
+    # the two are different programs, and the suite's fast-compile flags (conftest) fuse
+    # them differently (values near 0 then differ by up to ~5e-8).
     for p, e in zip(plain, averaged, strict=True):
-        _assert_equal(
-            (p.params, p.batch_stats, p.opt_state), (e.params, e.batch_stats, e.opt_state)
-        )
+        got, want = (e.params, e.batch_stats, e.opt_state), (p.params, p.batch_stats, p.opt_state)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
     # The average is optax.ema(decay, debias=True) of the variables after each update.
     tx = optax.ema(DECAY, debias=True)
     variables = lambda s: {"params": s.params, "batch_stats": s.batch_stats}
