@@ -108,6 +108,23 @@ def test_full_box_resized_crop_equals_jax_image_resize():
     np.testing.assert_allclose(jax.jit(same_size)(KEY, _float_batch()), _float_batch(), atol=1e-6)
 
 
+def test_resize_is_the_whole_image_resized_crop_without_randomness():
+    images = _uint8_batch()
+    resize = jax.jit(aug.resize(5))
+    out = resize(KEY, images)
+    assert out.shape == (N, 5, 5, C) and out.dtype == jnp.uint8
+    np.testing.assert_array_equal(out, resize(jax.random.key(1), images))  # any key
+    whole = aug.random_resized_crop(5, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # square: all of it
+    np.testing.assert_allclose(out, whole(KEY, images), atol=1)  # uint8 rounding
+    np.testing.assert_allclose(resize(KEY, _float_batch()), whole(KEY, _float_batch()), atol=1e-6)
+    np.testing.assert_array_equal(aug.resize(H)(KEY, images), images)  # already that size
+    wide = jax.random.uniform(KEY, (2, 6, 10, C))  # not square: squashed, not cropped
+    squashed = aug.random_resized_crop(4, scale=(1.0, 1.0), ratio=(10 / 6, 10 / 6))
+    np.testing.assert_allclose(aug.resize(4)(KEY, wide), squashed(KEY, wide), atol=1e-6)
+    stacked = jax.vmap(aug.resize(5), in_axes=(0, None))(jax.random.split(KEY, 2), images)
+    np.testing.assert_array_equal(stacked[1], out)
+
+
 def test_color_jitter_keeps_range_zero_strength_is_identity_and_uint8_becomes_float():
     images = _float_batch()
     np.testing.assert_allclose(aug.color_jitter()(KEY, images), images, atol=1e-6)
@@ -169,6 +186,7 @@ def test_tta_views_are_stacked_flips_and_shifts():
         (lambda: aug.random_resized_crop(8, ratio=(0.0, 1.0)), "ratio"),
         (lambda: aug.color_jitter(contrast=1.5), "contrast"),
         (lambda: aug.cutout(0), "size"),
+        (lambda: aug.resize(0), "size"),
         (lambda: aug.compose(), "at least one"),
     ],
 )

@@ -21,6 +21,7 @@ from jaxlearn.data.augment import (
     random_crop,
     random_flip,
     random_resized_crop,
+    resize,
     to_float,
     tta_views,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "random_crop",
     "random_flip",
     "random_resized_crop",
+    "resize",
     "subset",
     "to_float",
     "tta_views",

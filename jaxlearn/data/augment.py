@@ -130,6 +130,37 @@ def random_resized_crop(
     return apply
 
 
+def resize(size: int) -> Augment:
+    """Resize every image to `size` x `size`, the same way for every key.
+
+    For progressive resizing's stages without random crops (`jaxlearn.progressive`):
+    the images stay stored at the largest size and each stage's train step resizes
+    the batch on the device. Resampling is `jax.image.resize`'s antialiased
+    'linear', the kernel `random_resized_crop` uses, so on square images `resize(s)`
+    equals `random_resized_crop(s, scale=(1, 1), ratio=(1, 1))` within float
+    rounding, without its random draws (on other images that crop is a random
+    square window, not the whole image). Images already `size` x `size` pass
+    through untouched; others, non-square ones included, are squashed to the
+    square, not cropped. uint8 input is rounded back to uint8.
+
+    Args:
+      size: side of the square output (>= 1).
+    """
+    _check_int(size, "size", minimum=1)
+
+    def apply(key: jax.Array, images: jax.Array) -> jax.Array:
+        del key  # deterministic: the key is taken only to be an augmentation
+        _check_batch(images)
+        n, height, width, channels = images.shape
+        if (height, width) == (size, size):
+            return images
+        shape = (n, size, size, channels)
+        out = jax.image.resize(images.astype(jnp.float32), shape, "linear", antialias=True)
+        return _like(out, images.dtype)
+
+    return apply
+
+
 def _resample_weights(start: jax.Array, length: jax.Array, out_size: int, in_size: int):
     """(n, out_size, in_size) weights resampling the span [start, start + length) to out_size.
 
