@@ -44,6 +44,8 @@ def test_cifar_resnet_parameter_counts():
     assert (
         count(shapes(get_model("resnet110", 10), jnp.zeros((1, 32, 32, 3)))["params"]) == 1_727_962
     )
+    # ResNet-9, 10 classes: 3x3 convs 6,563,520 + BatchNorm scale/bias 4,480 + fc 5,130.
+    assert count(shapes(get_model("resnet9", 10), jnp.zeros((1, 32, 32, 3)))["params"]) == 6_573_130
     mlp = shapes(get_model("mlp", 10), jnp.zeros((1, 28, 28, 1)))  # 784-20-10
     assert count(mlp["params"]) == 784 * 20 + 20 + 20 * 10 + 10
 
@@ -57,6 +59,7 @@ def test_cifar_resnet_parameter_counts():
         ("cnn_small", 64, 256),
         ("cnn_medium", 224, 512),
         ("cnn_large", 96, 512),
+        ("resnet9", 32, 512),
         ("efficientnet_lite0", 64, 1280),
     ],
 )
@@ -73,7 +76,7 @@ def test_registry_models_give_logits_and_features(name, size, features):
 
 @pytest.mark.parametrize(
     ("name", "size"), [("resnet10", 32), ("resnet50", 32), ("resnet20", 16), ("cnn_small", 16),
-                       ("mlp", 28), ("efficientnet_lite0", 32)],
+                       ("mlp", 28), ("efficientnet_lite0", 32), ("resnet9", 16)],
 )  # fmt: skip
 def test_dtype_reaches_every_convolution_and_matmul(name, size):
     # Mixed precision is the model's dtype (make_train_step clones the model with it): a

@@ -16,13 +16,14 @@ import flax.linen as nn
 from jaxlearn.models.cifar_resnet import CifarResNet
 from jaxlearn.models.efficientnet import LITE_VARIANTS, EfficientNetLite, make_efficientnet_lite
 from jaxlearn.models.resnet import STAGE_SIZES, BasicBlock, Bottleneck, ResNet, make_resnet
-from jaxlearn.models.small import CNN_SIZES, MLP, SimpleCNN
+from jaxlearn.models.small import CNN_SIZES, MLP, ResNet9, SimpleCNN
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(make_resnet, int(name[6:])) for name in STAGE_SIZES},
     **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
     **{name: partial(SimpleCNN, widths, convs) for name, (widths, convs) in CNN_SIZES.items()},
     "mlp": MLP,
+    "resnet9": ResNet9,
     **{name: partial(make_efficientnet_lite, name) for name in LITE_VARIANTS},
 }
 
@@ -34,7 +35,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
       name: 'resnet18' / 34 / 50 / 101 / 152 (torchvision ImageNet ResNets), 'resnet10'
         (one block per stage),
         'resnet20' / 32 / 44 / 56 / 110 (CIFAR ResNets, option A),
-        'cnn_small' / 'cnn_medium' / 'cnn_large', 'mlp', or 'efficientnet_lite0' ... 4
+        'cnn_small' / 'cnn_medium' / 'cnn_large', 'resnet9' (DAWNBench's), 'mlp', or
+        'efficientnet_lite0' ... 4
         (Google's EfficientNet-Lite; see `jaxlearn.models.efficientnet`).
       num_classes: outputs of the head.
       **kwargs: further attributes of the model (dtype, dropout, features, ...).
@@ -55,6 +57,7 @@ __all__ = [
     "CifarResNet",
     "EfficientNetLite",
     "ResNet",
+    "ResNet9",
     "SimpleCNN",
     "get_model",
     "make_efficientnet_lite",
