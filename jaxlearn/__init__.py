@@ -26,6 +26,7 @@ _SUBMODULES = (
     "pretrained",
     "programs",
     "progressive",
+    "pseudo",
     "runs",
     "schedules",
     "state",
