@@ -1,26 +1,32 @@
-"""Dogs vs cats from scratch with 650 training images: data augmentation and TTA.
+"""Dogs vs cats from scratch with 650 labelled images: the ideas that stretch small data.
 
 Radek's "Making the most of your training data": train on only 650 random images of
-Kaggle's dogs vs cats and stretch them with two ideas; the bar is 82.37%, the 2013
-state of the art, which used 13,000 images. The two ideas here are data augmentation
-(flips, random resized crops, colour jitter) and test-time augmentation (TTA: average
-the predictions over the image and its mirror). TTA costs no training,
-so every trained model is scored with and without it, and the ablation is a 2x2:
+Kaggle's dogs vs cats; the bar is 82.37%, the 2013 state of the art, which used 13,000
+images. Each arm adds one idea to the one before, so the table says which idea bought
+how much:
 
-    baseline | +TTA | +augmentation | +both (augmentation and TTA)
+    baseline        cnn_small, 30 epochs, no augmentation (the recipe this script had)
+    +tta            the same models, predictions averaged over the image and its mirror
+    +augmentation   flips, random resized crops, colour jitter; a longer schedule
+    +mixup          mixup of pairs of augmented images (soft targets)
+    +ema            the same runs, scored with the EMA of their weights
+    +pseudo-labels  a student trained on the 650 plus the unlabelled pool images that the
+                    +ema teacher (with TTA) labels with confidence >= PSEUDO_THRESHOLD
+    final           the student's EMA weights with TTA
 
 The recipe, top to bottom:
 
 1. ../shared/data/cats_and_dogs/train (999 cats, 1,000 dogs) decoded at 64 px; 650
-   carved out for training (stratified, --split-seed), the other 1,349 are the
-   validation set.
+   carved out as the labelled set (stratified, --split-seed), of the other 1,349 a
+   validation set of --n-valid (stratified) and the rest an unlabelled pool, whose
+   labels are never read (it enters `jaxlearn.pseudo` as images only).
 2. The trivial baseline: the majority class of the 650 (a coin flip: 50%).
-3. cnn_small (4 conv-BN-ReLU-pool stages, 0.39M weights) from scratch, AdamW under
-   one-cycle, 5 seeds per arm (seeds vary the init, data order and augmentation draws;
-   the 650 images stay the same).
+3. Every arm x 5 seeds (seeds vary the init, data order and augmentation draws; the
+   split stays the same). AdamW under one-cycle; the long arms run the same number of
+   steps (the student's epochs are over its larger set).
 4. The report: accuracy on --eval-dir when given (a folder holding one sub-folder per
-   class, `cats/` and `dogs/`, e.g. cats_and_dogs_filtered/validation; it is never used
-   for a choice), else on the carved validation set -- said so in results.json.
+   class, `cats/` and `dogs/`; never used for a choice), else on the validation set --
+   said so in results.json. Wall time per arm is recorded.
 
     python experiments/cats_dogs_scratch.py [--quick] [--data PATH] [--eval-dir DIR]
 
@@ -41,6 +47,8 @@ from jaxlearn import plots, runs
 from jaxlearn import schedules as S
 from jaxlearn.data import (
     ArrayLoader,
+    ImageArrays,
+    MixUp,
     carve,
     channel_stats,
     color_jitter,
@@ -49,32 +57,37 @@ from jaxlearn.data import (
     normalize,
     random_flip,
     random_resized_crop,
-    subset,
     tta_views,
 )
 from jaxlearn.ensemble import combine_logits, member_logits
 from jaxlearn.loop import fit
 from jaxlearn.models import get_model
-from jaxlearn.state import TrainState
+from jaxlearn.pseudo import select_confident, with_pseudo_labels
+from jaxlearn.state import TrainState, ema_variables, with_ema
 from jaxlearn.steps import make_train_step
 
-# Sized for ~30 minutes on 2 CPU cores with the Eigen-conv XLA flag (README, "Speed on a
-# CPU"): cnn_small trains at ~110 images/s at 64 px (batch 32), so 2 arms x 5 seeds x 30
-# epochs of 650 images. 30 epochs: at 10 the augmented arm was still underfitting.
+# cnn_small trains at ~500 images/s at 64 px (batch 32) on 2 cores with the Eigen-conv
+# XLA flag, so 2,000 steps take ~3.5 min with augmentation.
 FULL = dict(
     size=64,  # px: cnn_small's 4 stages take 64 px to 4 px
     n_train=650,  # Radek's count
-    epochs=30,  # one-cycle over 600 steps
+    n_valid=600,  # of the other 1,349; the remaining 749 are the unlabelled pool
+    baseline_epochs=30,  # the earlier recipe: 600 steps
+    epochs=100,  # the long arms: 2,000 steps (at 30, augmentation underfit: 0.747)
     seeds=5,
     batch=32,  # 20 steps per epoch on 650 images
 )
-QUICK = dict(size=32, n_train=64, epochs=2, seeds=2, batch=16)
+QUICK = dict(size=32, n_train=64, n_valid=40, baseline_epochs=2, epochs=2, seeds=2, batch=16)
+ARMS = ("baseline", "augment", "mixup", "pseudo")
 PEAK_LR = 3e-3  # fastai's default one-cycle peak for Adam, from scratch
 WEIGHT_DECAY = 0.05  # decoupled (AdamW): 650 images overfit within ~10 epochs without it
 # Augmentation: mirror (cats and dogs are left-right symmetric), a crop of 35-100% of the
 # area resized back (scale and position), +-20% brightness/contrast/saturation.
 CROP_SCALE = (0.35, 1.0)
 JITTER = 0.2
+MIXUP_ALPHA = 0.4  # the mixup paper's upper ImageNet value; fastai's default
+EMA_DECAY = 0.99  # an average over the last ~100 of 2,000 steps
+PSEUDO_THRESHOLD = 0.9  # the teacher's (TTA) probability a pool image needs
 # TTA: the image and its mirror (2 views; shifted crops would triple the evaluation time).
 TTA_SHIFTS = ((0, 0),)
 
@@ -94,6 +107,13 @@ def load(args, size: int):
     return data, held
 
 
+def split(data: ImageArrays, cfg: dict, seed: int):
+    """(labelled, valid, pool images): stratified; the pool's labels are dropped here."""
+    labelled, rest = carve(data, cfg["n_train"], seed=seed)
+    valid, pool = carve(rest, cfg["n_valid"], seed=seed)
+    return labelled, valid, pool.images
+
+
 def augmentation(size: int):
     """Flip, random resized crop and colour jitter, run on the device inside the train step."""
     return compose(
@@ -103,23 +123,34 @@ def augmentation(size: int):
     )
 
 
-def train_one(model, tx, train_step, train, seed: int, cfg: dict):
-    """One model from scratch; returns its variables and the training history."""
+def train_one(model, step, train: ImageArrays, seed: int, cfg: dict, *, steps: int, ema: bool):
+    """One model from scratch for `steps` steps under one-cycle; (state, history)."""
+    tx = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=S.one_cycle(PEAK_LR, steps), weight_decay=WEIGHT_DECAY
+    )
     state = TrainState.create(model, tx, jax.random.key(seed), train.images[:1])
+    if ema:
+        state = with_ema(state, EMA_DECAY)
     loader = ArrayLoader(train.images, train.labels, cfg["batch"], seed=seed)
-    state, history = fit(state, loader, train_step=train_step, epochs=cfg["epochs"],
-                         progress=False)  # fmt: skip
-    return state.variables, history
+    return fit(state, loader, train_step=step, steps=steps, progress=False)
 
 
-def scores(apply_fn, variables, data, preprocess) -> dict:
-    """Accuracy without and with TTA, from one pass over the views (view 0 is the image)."""
+def tta_logits(apply_fn, variables, images, preprocess) -> np.ndarray:
+    """(views, N, C) logits over the image and its mirror (view 0 is the image)."""
     views = partial(tta_views, shifts=TTA_SHIFTS)
     one = jax.tree.map(lambda x: x[None], variables)
-    logits = member_logits(apply_fn, one, data.images, views_fn=views, preprocess=preprocess)[0]
+    return member_logits(apply_fn, one, images, views_fn=views, preprocess=preprocess)[0]
+
+
+def scores(apply_fn, variables, data: ImageArrays, preprocess) -> dict:
+    """Accuracy without and with TTA, from one pass over the views."""
+    logits = tta_logits(apply_fn, variables, data.images, preprocess)
     plain = np.argmax(logits[0], -1)
     tta = np.argmax(combine_logits(logits, "prob"), -1)
-    return {"plain": np.mean(plain == data.labels), "tta": np.mean(tta == data.labels)}
+    return {
+        "plain": float(np.mean(plain == data.labels)),
+        "tta": float(np.mean(tta == data.labels)),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,72 +161,97 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="held-out folder with one sub-folder per class (cats/, dogs/)",
     )
-    parser.add_argument("--n-train", type=int, default=None, help="training images (650)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the 650-image draw")
+    parser.add_argument("--n-train", type=int, default=None, help="labelled images (650)")
+    parser.add_argument("--n-valid", type=int, default=None, help="validation images (600)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--size", type=int, default=None, help="image side in px (full 64)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (full 30)")
+    parser.add_argument("--epochs", type=int, default=None, help="long arms' epochs (100)")
     args = parser.parse_args(argv)  # fmt: skip
     started = time.time()
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "n_train", "size", "epochs"):
+    for key in ("seeds", "n_train", "n_valid", "size", "epochs"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     for key, least in (("size", 16), ("epochs", 1), ("seeds", 1)):  # 16 px: 4 pools -> 1 px
         if cfg[key] < least:
             raise ValueError(f"--{key} must be >= {least}, got {cfg[key]}")
 
-    # 1. Data: 650 for training, the rest for validation; --eval-dir for the report if given.
+    # 1. Data: labelled / validation / unlabelled pool; --eval-dir for the report if given.
     data, held = load(args, cfg["size"])
-    train, valid = carve(data, cfg["n_train"], seed=args.split_seed)
-    if args.quick:
-        valid = subset(valid, min(200, len(valid)), seed=0)
+    train, valid, pool = split(data, cfg, args.split_seed)
     sets = {"valid": valid} if held is None else {"valid": valid, "eval_dir": held}
     report_name = list(sets)[-1]
     report = sets[report_name]
-    print(f"{len(train)} train / {len(valid)} valid / report on {report_name} ({len(report)})")
-    mean, std = channel_stats(train.images)  # of the 650 training images only
+    print(f"{len(train)} labelled / {len(valid)} valid / {len(pool)} unlabelled / "
+          f"report on {report_name} ({len(report)})")  # fmt: skip
+    mean, std = channel_stats(train.images)  # of the labelled images only
     preprocess = partial(normalize, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
 
     # 2. Trivial baseline: the training set's majority class.
     majority = np.bincount(train.labels, minlength=train.num_classes).argmax()
     baseline = float(np.mean(report.labels == majority))
 
-    # 3. Two training arms x seeds; a step per arm (its augmentation), compiled once for all
-    # seeds (the optimizer enters the step by value).
+    # 3. The arms x seeds; one step per arm, compiled once for all seeds (the optimizer
+    # enters the step by value; MixUp compares by value).
     model = get_model("cnn_small", train.num_classes)
-    total = cfg["epochs"] * (len(train) // cfg["batch"])
-    schedule = S.one_cycle(PEAK_LR, total)
-    results, histories = {}, {}
-    for arm, augment in (("plain", None), ("augment", augmentation(cfg["size"]))):
-        tx = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=schedule, weight_decay=WEIGHT_DECAY
-        )
-        step = make_train_step(augment=augment, preprocess=preprocess)
-        rows = []
-        for seed in range(cfg["seeds"]):
-            variables, history = train_one(model, tx, step, train, seed, cfg)
+    per_epoch = len(train) // cfg["batch"]
+    aug = augmentation(cfg["size"])
+    steps = {
+        "baseline": (make_train_step(preprocess=preprocess), cfg["baseline_epochs"] * per_epoch),
+        "augment": (make_train_step(augment=aug, preprocess=preprocess), cfg["epochs"] * per_epoch),
+    }
+    mix = make_train_step(augment=aug, preprocess=preprocess,
+                          batch_augment=MixUp(MIXUP_ALPHA, train.num_classes))  # fmt: skip
+    steps["mixup"] = steps["pseudo"] = (mix, cfg["epochs"] * per_epoch)
+    results = {arm: [] for arm in ARMS}
+    histories = {}
+    for seed in range(cfg["seeds"]):
+        teacher = None
+        for arm in ARMS:
+            t0 = time.time()
+            row = {}
+            arm_train = train
+            if arm == "pseudo":  # the mixup arm's EMA teacher labels the pool, with TTA
+                probs = combine_logits(tta_logits(model.apply, teacher, pool, preprocess))
+                chosen = select_confident(probs, PSEUDO_THRESHOLD)
+                arm_train = with_pseudo_labels(train, pool, chosen)
+                row["pseudo_labelled"] = len(chosen.index)
+            step, n_steps = steps[arm]
+            ema = arm in ("mixup", "pseudo")
+            state, history = train_one(model, step, arm_train, seed, cfg, steps=n_steps, ema=ema)
             if seed == 0:
                 histories[arm] = history
-            row = {f"{name}_{k}": v for name, d in sets.items()
-                   for k, v in scores(model.apply, variables, d, preprocess).items()}  # fmt: skip
+            weights = {"": state.variables}
+            if ema:
+                weights["ema_"] = ema_variables(state)
+                teacher = weights["ema_"]
+            for prefix, variables in weights.items():
+                for name, d in sets.items():
+                    for k, v in scores(model.apply, variables, d, preprocess).items():
+                        row[f"{prefix}{name}_{k}"] = v
             row["final_train_loss"] = float(history["train_loss"][-1])
-            rows.append(row)
-            print(f"{arm:8} seed {seed}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        results[arm] = rows
+            row["seconds"] = round(time.time() - t0, 1)
+            results[arm].append(row)
+            print(f"{arm:8} seed {seed}: " + "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            ))  # fmt: skip
 
-    # 4. The 2x2 ablation on the report set: (training arm, TTA or not).
+    # 4. The ablation on the report set: each row adds one idea.
+    def column(arm, key):
+        return [r[f"{key.format(report_name)}"] for r in results[arm]]
+
     table = {
-        "baseline": [r[f"{report_name}_plain"] for r in results["plain"]],
-        "+tta": [r[f"{report_name}_tta"] for r in results["plain"]],
-        "+augmentation": [r[f"{report_name}_plain"] for r in results["augment"]],
-        "+both": [r[f"{report_name}_tta"] for r in results["augment"]],
+        "baseline": column("baseline", "{}_plain"),
+        "+tta": column("baseline", "{}_tta"),
+        "+augmentation": column("augment", "{}_plain"),
+        "+mixup": column("mixup", "{}_plain"),
+        "+ema": column("mixup", "ema_{}_plain"),
+        "+pseudo-labels": column("pseudo", "ema_{}_plain"),
+        "final (+tta)": column("pseudo", "ema_{}_tta"),
     }
-    summary = {k: {"mean": np.mean(v), "std": np.std(v, ddof=1) if len(v) > 1 else 0.0,
-                   "values": v} for k, v in table.items()}  # fmt: skip
-    valid_summary = {
-        arm: {t: float(np.mean([r[f"valid_{t}"] for r in rows])) for t in ("plain", "tta")}
-        for arm, rows in results.items()
-    }
+    summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1
+                   else 0.0, "values": v} for k, v in table.items()}  # fmt: skip
+    seconds = {arm: float(np.mean([r["seconds"] for r in rows])) for arm, rows in results.items()}
     for arm, history in histories.items():
         plots.plot_history(history, path=f"{args.out}/history_{arm}.png")
     metrics = {
@@ -203,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         "report_size": len(report),
         "majority_class_accuracy": baseline,
         "ablation": summary,
-        "valid_mean_accuracy": valid_summary,
+        "seconds_per_seed": seconds,
         "per_seed": results,
         "reference_accuracy": 0.8237,
     }
@@ -212,19 +268,21 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_lr": PEAK_LR, "schedule": "one_cycle", "weight_decay": WEIGHT_DECAY,
         "augmentation": {"flip": 0.5, "random_resized_crop_scale": CROP_SCALE,
                          "color_jitter": JITTER},
-        "tta": {"flip": True, "shifts": TTA_SHIFTS},
+        "mixup_alpha": MIXUP_ALPHA, "ema_decay": EMA_DECAY,
+        "pseudo_threshold": PSEUDO_THRESHOLD, "tta": {"flip": True, "shifts": TTA_SHIFTS},
         "data": str(runs.data_root(args.data) / "cats_and_dogs" / "train"),
         "eval_dir": args.eval_dir, "split_seed": args.split_seed,
-        "split_sizes": [len(train), len(valid)], "normalize": [mean, std],
+        "split_sizes": [len(train), len(valid), len(pool)], "normalize": [mean, std],
     }  # fmt: skip
     runs.write_results(args.out, config=config, metrics=metrics,
                        seeds=list(range(cfg["seeds"])), started=started)  # fmt: skip
 
     print(f"\nreported on {report_name} ({len(report)} images), {cfg['seeds']} seeds")
     print(f"{'majority class':16}{baseline:>8.4f}")
-    for name, s in summary.items():
-        print(f"{name:16}{s['mean']:>8.4f} ± {s['std']:.4f}")
+    for name, row in summary.items():
+        print(f"{name:16}{row['mean']:>8.4f} ± {row['std']:.4f}")
     print(f"{'reference':16}{0.8237:>8.4f}  (2013 state of the art, 13,000 images)")
+    print("seconds per seed: " + ", ".join(f"{a} {s:.0f}" for a, s in seconds.items()))
     return metrics
 
 

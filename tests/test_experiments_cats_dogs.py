@@ -17,27 +17,45 @@ def data(tmp_path, monkeypatch):
 def test_quick_ablation_reports_on_the_eval_dir(data):
     out = data / "out"
     argv = ["--quick", "--data", str(data / "data"), "--out", str(out),
-            "--eval-dir", str(data / "held" / "validation"), "--n-train", "32"]  # fmt: skip
+            "--eval-dir", str(data / "held" / "validation"), "--n-train", "32",
+            "--n-valid", "16"]  # fmt: skip
     cats_dogs.main(argv)
     record = json.loads((out / "results.json").read_text())
     metrics = record["metrics"]
     assert metrics["reported_on"] == "eval_dir" and metrics["report_size"] == 16
-    assert record["config"]["split_sizes"] == [32, 28]  # stratified: 16 + 16 for training
+    # Stratified: 16 + 16 labelled, 8 + 8 validation, the other 12 the unlabelled pool.
+    assert record["config"]["split_sizes"] == [32, 16, 12]
     assert metrics["majority_class_accuracy"] == 0.5  # a 16-16 tie goes to class 0
     seeds = cats_dogs.QUICK["seeds"]
     ablation = metrics["ablation"]
-    assert list(ablation) == ["baseline", "+tta", "+augmentation", "+both"]
+    assert list(ablation) == ["baseline", "+tta", "+augmentation", "+mixup", "+ema",
+                              "+pseudo-labels", "final (+tta)"]  # fmt: skip
     for row in ablation.values():
         assert len(row["values"]) == seeds and all(0 <= v <= 1 for v in row["values"])
         assert row["mean"] == pytest.approx(np.mean(row["values"]))
     # Each row of the table comes from the eval-dir scores of its arm, not the validation ones.
     per_seed = metrics["per_seed"]
-    assert ablation["+both"]["values"] == [r["eval_dir_tta"] for r in per_seed["augment"]]
-    assert ablation["baseline"]["values"] == [r["eval_dir_plain"] for r in per_seed["plain"]]
+    assert ablation["final (+tta)"]["values"] == [r["ema_eval_dir_tta"] for r in per_seed["pseudo"]]
+    assert ablation["+ema"]["values"] == [r["ema_eval_dir_plain"] for r in per_seed["mixup"]]
+    assert ablation["baseline"]["values"] == [r["eval_dir_plain"] for r in per_seed["baseline"]]
+    # The student saw at most the 12 pool images, balanced: an even count.
+    assert all(r["pseudo_labelled"] in (0, 2, 4, 6, 8, 10, 12) for r in per_seed["pseudo"])
+    assert set(metrics["seconds_per_seed"]) == set(cats_dogs.ARMS)
     # Colour alone separates the classes: augmentation-free training must learn it.
     assert np.mean(ablation["baseline"]["values"]) > 0.75
-    for arm in ("plain", "augment"):
+    for arm in cats_dogs.ARMS:
         assert (out / f"history_{arm}.png").stat().st_size > 1000
+
+
+def test_the_pool_is_disjoint_and_carries_no_labels():
+    rng = np.random.default_rng(0)
+    data = cats_dogs.ImageArrays(rng.integers(0, 255, (60, 4, 4, 3), np.uint8),
+                                 np.repeat([0, 1], 30), ("cats", "dogs"))  # fmt: skip
+    cfg = dict(n_train=20, n_valid=10)
+    train, valid, pool = cats_dogs.split(data, cfg, seed=0)
+    assert isinstance(pool, np.ndarray) and pool.shape == (30, 4, 4, 3)
+    seen = {img.tobytes() for img in np.concatenate([train.images, valid.images, pool])}
+    assert len(seen) == 60  # every image once: disjoint and complete
 
 
 def test_eval_dir_with_a_foreign_class_is_rejected(data):
