@@ -10,9 +10,10 @@ cumulative epoch count, so the step count, the optimizer's state and its schedul
 the history and the callbacks run on through the stages as through one `fit`, and
 a run restored from a checkpoint resumes inside the stage it was in.
 
-Each size's train step is built once (`step_for_size(size)`, cached per
-`step_for_size` object and size) and compiled once per program: another seed's or
-optimizer object's run with the same `step_for_size` compiles nothing new.
+Each size's train step is built once per run (`step_for_size(size)`) and compiled
+once per program: `make_train_step` and the augmentation factories return the same
+objects for the same settings (`jaxlearn.programs.by_arguments`), so another seed's
+or optimizer object's run compiles nothing new.
 """
 
 from __future__ import annotations
@@ -21,15 +22,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxlearn import programs
 from jaxlearn.loop import Callback, Checkpoint, Loader, fit
 from jaxlearn.state import TrainState
 
 __all__ = ["fit_progressive"]
-
-#: Train steps by (step_for_size, size): one per size for every run given the same
-#: `step_for_size`, as `make_train_step` gives one step per set of arguments.
-_STEPS: dict[tuple[Callable, int], Callable] = {}
 
 
 class _Watched(Callback):
@@ -87,23 +83,14 @@ def _check_stages(stages, train_data: Loader) -> tuple[tuple[int, int], ...]:
 
 
 def _steps_for(step_for_size: Callable, sizes: Sequence[int]) -> dict[int, Callable]:
-    """Each size's train step, built once per `step_for_size` object and size."""
-    try:
-        hash(step_for_size)
-        cache = _STEPS
-    except TypeError:  # an unhashable step_for_size: each size built once in this call
-        cache = {}
+    """Each size's train step, built once per call (`make_train_step` and the augmentation
+    factories return the same objects for the same settings, so another run with the same
+    settings gets the compiled steps back)."""
     steps: dict[int, Callable] = {}
     for size in dict.fromkeys(sizes):
-        key = (step_for_size, size)
-        if key not in cache:
-            step = step_for_size(size)
-            if not callable(step):
-                raise ValueError(f"step_for_size({size}) must return a train step, got {step!r}")
-            if len(cache) >= programs.CACHE_SIZE:
-                cache.clear()
-            cache[key] = step
-        steps[size] = cache[key]
+        steps[size] = step_for_size(size)
+        if not callable(steps[size]):
+            raise ValueError(f"step_for_size({size}) must return a train step, got {steps[size]!r}")
     return steps
 
 
@@ -130,10 +117,10 @@ def fit_progressive(
     The train images stay at their stored (largest) size; `step_for_size(size)`
     must return a train step whose augmentation makes `size` x `size` images, e.g.
     `lambda s: make_train_step(augment=compose(random_flip(), random_resized_crop(s)))`
-    or `augment=resize(s)` (`jaxlearn.data.augment`). It is called once per size:
-    its steps are kept per `step_for_size` object and size, so a later run with
-    the same `step_for_size` (another seed, a new optimizer object) reuses the
-    compiled steps; pass a new function to build them anew. Evaluation
+    or `augment=resize(s)` (`jaxlearn.data.augment`). It is called once per size
+    and run; built from `make_train_step` and the library's augmentations, the
+    same settings give the same step objects, so a later run (another seed, a new
+    optimizer object) reuses the compiled steps. Evaluation
     (`eval_data`, `eval_step`) runs on the eval data as they are, at the same size
     in every stage: store them at the final stage's size, the size the model is
     used at.

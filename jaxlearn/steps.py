@@ -18,8 +18,6 @@ other optimizer runs the same but reports no `lr`.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -253,38 +251,7 @@ class TrainStep(_Compiled):
         return new, metrics
 
 
-def _shared(build: Callable) -> Callable:
-    """`build` returning the same step for the same arguments, so its compilations are shared.
-
-    A script that calls `make_train_step` once per seed or phase with the same
-    preprocess and augment objects gets one step object and compiles each program
-    once (an EfficientNet-Lite0 train step takes ~20 s to compile on 2 cores).
-    Arguments are compared as `jax.jit` compares static arguments: functions by
-    identity, with the defaults filled in (`make_train_step()` is
-    `make_train_step(weight_decay=0.0)`). Unhashable arguments build a new step.
-    """
-    cache: dict = {}
-    signature = inspect.signature(build)
-
-    @functools.wraps(build)
-    def shared(**kwargs):
-        bound = signature.bind(**kwargs)
-        bound.apply_defaults()
-        try:
-            key = tuple(sorted(bound.arguments.items()))
-            hash(key)
-        except TypeError:
-            return build(**kwargs)
-        if key not in cache:
-            if len(cache) >= programs.CACHE_SIZE:
-                cache.clear()
-            cache[key] = build(**kwargs)
-        return cache[key]
-
-    return shared
-
-
-@_shared
+@programs.by_arguments
 def make_train_step(
     *,
     label_smoothing: float = 0.0,
@@ -420,7 +387,7 @@ class EvalStep(_Compiled):
         return self._jitted(*self._args(state, batch))
 
 
-@_shared
+@programs.by_arguments
 def make_eval_step(
     *,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,

@@ -198,3 +198,27 @@ def test_bad_settings_are_value_errors(make, match):
 def test_a_single_image_is_rejected():
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         aug.random_flip()(KEY, _uint8_batch()[0])
+
+
+def test_the_same_settings_give_the_same_augmentation_and_so_the_same_compiled_step():
+    from conftest import count_compilations
+    from core_worker import make_run
+
+    from jaxlearn.steps import make_train_step
+
+    def pipeline(scale=(0.35, 1.0)):
+        return aug.compose(aug.random_flip(), aug.random_resized_crop(H, scale=scale))
+
+    assert pipeline() is pipeline()  # defaults filled in: scale=(0.35, 1) is the same key
+    assert aug.random_resized_crop(H, (0.35, 1)) is aug.random_resized_crop(H, scale=(0.35, 1.0))
+    assert pipeline((0.5, 1.0)) is not pipeline()
+    assert aug.random_resized_crop(H, scale=[0.5, 1.0]) is not aug.random_resized_crop(
+        H, scale=[0.5, 1.0]
+    )  # unhashable settings: built anew, never wrongly shared
+    state, loader, _ = make_run()
+    batch = next(iter(loader.epoch(0)))
+    make_train_step(augment=pipeline())(state, batch)
+    state, _, _ = make_run(seed=1)
+    with count_compilations() as compiled:
+        make_train_step(augment=pipeline())(state, batch)  # rebuilt, as per seed in a script
+    assert len(compiled) == 0

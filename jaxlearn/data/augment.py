@@ -1,11 +1,14 @@
 """Augmentations as pure JAX functions `(key, images) -> images` on a batch, run on the device.
 
 Each factory below (`random_crop`, `random_flip`, ...) checks its settings
-once and returns such a function. It draws independent parameters for every
-example of the (N, H, W, C) batch from the one key, works under `jit` and
-`vmap`, and gives the same output for the same key. Keeping the data set on
-the device and augmenting there is what lets airbench train CIFAR-10 to 94%
-in ~3 s on one A100: there is no host pipeline to wait for.
+once and returns such a function, the same object for the same settings
+(`jaxlearn.programs.by_arguments`), so a pipeline rebuilt per seed, phase or
+image size finds `make_train_step`'s step, compiled already. Each draws
+independent parameters for every example of the (N, H, W, C) batch from the
+one key, works under `jit` and `vmap`, and gives the same output for the same
+key. Keeping the data set on the device and augmenting there is what lets
+airbench train CIFAR-10 to 94% in ~3 s on one A100: there is no host
+pipeline to wait for.
 
 dtypes: geometric augmentations (crops, flips, cutout) keep the dtype, so
 they can run on the uint8 batch before the train step's `preprocess` (4x less
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlearn.programs import by_arguments
+
 #: An augmentation: (PRNG key, (N, H, W, C) images) -> augmented images.
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -31,6 +36,7 @@ _LUMA = (0.299, 0.587, 0.114)
 _PAD_MODES = ("constant", "reflect")
 
 
+@by_arguments
 def compose(*augments: Augment) -> Augment:
     """Chain augmentations, giving each its own key split from the one passed in."""
     if not augments:
@@ -57,6 +63,7 @@ def hflip(images: jax.Array) -> jax.Array:
     return images[:, :, ::-1]
 
 
+@by_arguments
 def random_flip(p: float = 0.5) -> Augment:
     """Mirror each image left to right with probability `p`."""
     if not 0.0 <= p <= 1.0:
@@ -70,6 +77,7 @@ def random_flip(p: float = 0.5) -> Augment:
     return apply
 
 
+@by_arguments
 def random_crop(padding: int = 4, mode: str = "constant") -> Augment:
     """Pad by `padding` pixels, then cut a window of the original size at a random offset.
 
@@ -92,6 +100,7 @@ def random_crop(padding: int = 4, mode: str = "constant") -> Augment:
     return apply
 
 
+@by_arguments
 def random_resized_crop(
     size: int,
     scale: tuple[float, float] = (0.08, 1.0),
@@ -130,6 +139,7 @@ def random_resized_crop(
     return apply
 
 
+@by_arguments
 def resize(size: int) -> Augment:
     """Resize every image to `size` x `size`, the same way for every key.
 
@@ -202,6 +212,7 @@ def resized_crop_boxes(
     return top, left, box_h, box_w
 
 
+@by_arguments
 def color_jitter(
     brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0
 ) -> Augment:
@@ -238,6 +249,7 @@ def color_jitter(
     return apply
 
 
+@by_arguments
 def cutout(size: int, fill: float = 0.0) -> Augment:
     """Set a `size` x `size` square at a random centre of each image to `fill`.
 
