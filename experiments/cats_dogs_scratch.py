@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. The ablation on the report set: each row adds one idea.
     def column(arm, key):
-        return [r[f"{key.format(report_name)}"] for r in results[arm]]
+        return [r[key.format(report_name)] for r in results[arm]]
 
     table = {
         "baseline": column("baseline", "{}_plain"),
