@@ -59,8 +59,14 @@ from jaxlearn.data import (
     random_resized_crop,
     tta_views,
 )
-from jaxlearn.ensemble import combine_logits, member_logits
-from jaxlearn.loop import fit
+from jaxlearn.ensemble import (
+    accuracy_curve,
+    combine_logits,
+    mean_curve,
+    member_logits,
+    snapshot_steps,
+)
+from jaxlearn.loop import CaptureParams, fit
 from jaxlearn.models import get_model
 from jaxlearn.pseudo import select_confident, with_pseudo_labels
 from jaxlearn.state import TrainState, ema_variables, with_ema
@@ -76,8 +82,14 @@ FULL = dict(
     epochs=100,  # the long arms: 2,000 steps (at 30, augmentation underfit: 0.747)
     seeds=5,
     batch=32,  # 20 steps per epoch on 650 images
+    # --part snapshots: 4 SGDR cycles of 50 epochs (1,000 steps, the length at which one
+    # cosine alone reaches ~0.78) against one 4,000-step cosine; ~10 min per seed. Cycles of
+    # 286-1,144 or 5 x 400 steps (2,000 in all) lost to the one-cycle model by 3 points.
+    cycles=4,
+    cycle_epochs=50,
 )
-QUICK = dict(size=32, n_train=64, n_valid=40, baseline_epochs=2, epochs=2, seeds=2, batch=16)
+QUICK = dict(size=32, n_train=64, n_valid=40, baseline_epochs=2, epochs=2, seeds=2, batch=16,
+             cycles=2, cycle_epochs=1)  # fmt: skip
 ARMS = ("baseline", "augment", "mixup", "pseudo")
 PEAK_LR = 3e-3  # fastai's default one-cycle peak for Adam, from scratch
 WEIGHT_DECAY = 0.05  # decoupled (AdamW): 650 images overfit within ~10 epochs without it
@@ -123,16 +135,79 @@ def augmentation(size: int):
     )
 
 
-def train_one(model, step, train: ImageArrays, seed: int, cfg: dict, *, steps: int, ema: bool):
-    """One model from scratch for `steps` steps under one-cycle; (state, history)."""
-    tx = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=S.one_cycle(PEAK_LR, steps), weight_decay=WEIGHT_DECAY
-    )
+def train_one(
+    model, step, train: ImageArrays, seed: int, cfg: dict, *, steps: int, ema: bool = False,
+    schedule=None, callbacks=(),
+):  # fmt: skip
+    """One model from scratch for `steps` steps (default schedule one-cycle); (state, history)."""
+    schedule = S.one_cycle(PEAK_LR, steps) if schedule is None else schedule
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=WEIGHT_DECAY)
     state = TrainState.create(model, tx, jax.random.key(seed), train.images[:1])
     if ema:
         state = with_ema(state, EMA_DECAY)
     loader = ArrayLoader(train.images, train.labels, cfg["batch"], seed=seed)
-    return fit(state, loader, train_step=step, steps=steps, progress=False)
+    return fit(state, loader, train_step=step, steps=steps, callbacks=callbacks, progress=False)
+
+
+def snapshot_study(model, step, train: ImageArrays, report: ImageArrays, preprocess, cfg: dict,
+                   out: Path) -> dict:  # fmt: skip
+    """SGDR snapshots against one cosine over the same steps, every seed; the metrics.
+
+    Huang et al.'s comparison (issue 13, item 7): arm 'sgdr' runs `cycles` cosine cycles of
+    `cycle_epochs` each with a snapshot at the bottom of each; arm 'cosine' one cosine over
+    the same number of steps, from the same peak, its final model. Scored on `report`,
+    without and with flip TTA; writes snapshots.png (accuracy against snapshots, seed mean).
+    """
+    cycle = cfg["cycle_epochs"] * (len(train) // cfg["batch"])
+    total = cfg["cycles"] * cycle
+    arms = {
+        "sgdr": S.sgdr(PEAK_LR, cycle, num_cycles=cfg["cycles"]),
+        "cosine": S.sgdr(PEAK_LR, total, num_cycles=1),
+    }
+    views = {"plain": None, "tta": partial(tta_views, shifts=TTA_SHIFTS)}
+    curves = {(arm, v): [] for arm in arms for v in views}
+    records = {arm: [] for arm in arms}
+    for seed in range(cfg["seeds"]):
+        for arm, schedule in arms.items():
+            t0 = time.time()
+            capture = CaptureParams(snapshot_steps(schedule))
+            train_one(model, step, train, seed, cfg, steps=total, schedule=schedule,
+                      callbacks=[capture])  # fmt: skip
+            record = {"seed": seed}
+            for v, views_fn in views.items():
+                curve = accuracy_curve(model.apply, capture.snapshots, report.images,
+                                       report.labels, preprocess=preprocess,
+                                       views_fn=views_fn)  # fmt: skip
+                curves[arm, v].append(curve)
+                record[f"{v}_members"] = curve.members.tolist()
+                record[f"{v}_ensemble"] = curve.ensemble.tolist()
+            record["seconds"] = round(time.time() - t0, 1)
+            records[arm].append(record)
+            print(f"{arm:6} seed {seed}: snapshots {np.round(record['plain_members'], 4).tolist()} "
+                  f"ensemble {record['plain_ensemble'][-1]:.4f} (TTA {curve.ensemble[-1]:.4f}) "
+                  f"{record['seconds']:.0f} s")  # fmt: skip
+
+    summary = {}
+    for v in views:
+        ens = [c.ensemble[-1] for c in curves["sgdr", v]]
+        single = [c.members[-1] for c in curves["cosine", v]]
+        summary[v] = {
+            "cosine_single": runs.summarize(single),
+            "sgdr_last_snapshot": runs.summarize([c.members[-1] for c in curves["sgdr", v]]),
+            "sgdr_ensemble": runs.summarize(ens),
+            "ensemble_minus_single": runs.summarize(np.subtract(ens, single).tolist()),
+            "sgdr_ensemble_by_k": mean_curve(curves["sgdr", v]).ensemble.tolist(),
+            "sgdr_member_by_k": mean_curve(curves["sgdr", v]).members.tolist(),
+        }
+    for v in views:  # snapshots.png, snapshots_tta.png
+        plots.plot_ensemble_curve(
+            mean_curve(curves["sgdr", v]), single=summary[v]["cosine_single"]["mean"],
+            label=f"{cfg['cycles']} SGDR cycles of {cycle} steps ({cfg['seeds']}-seed mean)",
+            path=out / f"snapshots{'' if v == 'plain' else '_' + v}.png",
+        )  # fmt: skip
+    return {"cycle_steps": cycle, "total_steps": total, "summary": summary, "per_seed": records,
+            "seconds_per_seed": {a: float(np.mean([r["seconds"] for r in rs]))
+                                 for a, rs in records.items()}}  # fmt: skip
 
 
 def tta_logits(apply_fn, variables, images, preprocess) -> np.ndarray:
@@ -166,15 +241,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--size", type=int, default=None, help="image side in px (full 64)")
     parser.add_argument("--epochs", type=int, default=None, help="long arms' epochs (100)")
+    parser.add_argument(
+        "--part",
+        choices=("ablation", "snapshots"),
+        default="ablation",
+        help="the ablation table, or SGDR snapshots against one cosine",
+    )
+    parser.add_argument("--cycles", type=int, default=None, help="snapshots: SGDR cycles (4)")
+    parser.add_argument(
+        "--cycle-epochs", type=int, default=None, help="snapshots: epochs per cycle (50)"
+    )
     args = parser.parse_args(argv)  # fmt: skip
     started = time.time()
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "n_train", "n_valid", "size", "epochs"):
+    for key in ("seeds", "n_train", "n_valid", "size", "epochs", "cycles", "cycle_epochs"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    for key, least in (("size", 16), ("epochs", 1), ("seeds", 1)):  # 16 px: 4 pools -> 1 px
+    for key, least in (("size", 16), ("epochs", 1), ("seeds", 1), ("cycles", 1),
+                       ("cycle_epochs", 1)):  # fmt: skip  # 16 px: 4 pools -> 1 px
         if cfg[key] < least:
-            raise ValueError(f"--{key} must be >= {least}, got {cfg[key]}")
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
 
     # 1. Data: labelled / validation / unlabelled pool; --eval-dir for the report if given.
     data, held = load(args, cfg["size"])
@@ -190,12 +276,38 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Trivial baseline: the training set's majority class.
     majority = np.bincount(train.labels, minlength=train.num_classes).argmax()
     baseline = float(np.mean(report.labels == majority))
+    config = {
+        **cfg, "quick": args.quick, "model": "cnn_small", "optimizer": "adamw",
+        "part": args.part, "peak_lr": PEAK_LR, "weight_decay": WEIGHT_DECAY,
+        "schedule": "one_cycle" if args.part == "ablation" else "sgdr vs one cosine",
+        "augmentation": {"flip": 0.5, "random_resized_crop_scale": CROP_SCALE,
+                         "color_jitter": JITTER},
+        "mixup_alpha": MIXUP_ALPHA, "ema_decay": EMA_DECAY,
+        "pseudo_threshold": PSEUDO_THRESHOLD, "tta": {"flip": True, "shifts": TTA_SHIFTS},
+        "data": str(runs.data_root(args.data) / "cats_and_dogs" / "train"),
+        "eval_dir": args.eval_dir, "split_seed": args.split_seed,
+        "split_sizes": [len(train), len(valid), len(pool)], "normalize": [mean, std],
+    }  # fmt: skip
+    model = get_model("cnn_small", train.num_classes)
+    aug = augmentation(cfg["size"])
+    if args.part == "snapshots":  # the +augmentation arm's recipe under both schedules
+        step = make_train_step(augment=aug, preprocess=preprocess)
+        study = snapshot_study(model, step, train, report, preprocess, cfg, Path(args.out))
+        metrics = {"reported_on": report_name, "report_size": len(report),
+                   "majority_class_accuracy": baseline, **study}  # fmt: skip
+        runs.write_results(args.out, config=config, metrics=metrics,
+                           seeds=list(range(cfg["seeds"])), started=started)  # fmt: skip
+        print(f"\nreported on {report_name} ({len(report)} images), {cfg['seeds']} seeds, "
+              f"{metrics['total_steps']} steps per model")  # fmt: skip
+        for v, rows in metrics["summary"].items():
+            for key in ("cosine_single", "sgdr_last_snapshot", "sgdr_ensemble",
+                        "ensemble_minus_single"):  # fmt: skip
+                print(f"{v:6}{key:24}{rows[key]['mean']:>8.4f} ± {rows[key]['std']:.4f}")
+        return metrics
 
     # 3. The arms x seeds; one step per arm, compiled once for all seeds (the optimizer
     # enters the step by value; MixUp compares by value).
-    model = get_model("cnn_small", train.num_classes)
     per_epoch = len(train) // cfg["batch"]
-    aug = augmentation(cfg["size"])
     steps = {
         "baseline": (make_train_step(preprocess=preprocess), cfg["baseline_epochs"] * per_epoch),
         "augment": (make_train_step(augment=aug, preprocess=preprocess), cfg["epochs"] * per_epoch),
@@ -263,17 +375,6 @@ def main(argv: list[str] | None = None) -> dict:
         "per_seed": results,
         "reference_accuracy": 0.8237,
     }
-    config = {
-        **cfg, "quick": args.quick, "model": "cnn_small", "optimizer": "adamw",
-        "peak_lr": PEAK_LR, "schedule": "one_cycle", "weight_decay": WEIGHT_DECAY,
-        "augmentation": {"flip": 0.5, "random_resized_crop_scale": CROP_SCALE,
-                         "color_jitter": JITTER},
-        "mixup_alpha": MIXUP_ALPHA, "ema_decay": EMA_DECAY,
-        "pseudo_threshold": PSEUDO_THRESHOLD, "tta": {"flip": True, "shifts": TTA_SHIFTS},
-        "data": str(runs.data_root(args.data) / "cats_and_dogs" / "train"),
-        "eval_dir": args.eval_dir, "split_seed": args.split_seed,
-        "split_sizes": [len(train), len(valid), len(pool)], "normalize": [mean, std],
-    }  # fmt: skip
     runs.write_results(args.out, config=config, metrics=metrics,
                        seeds=list(range(cfg["seeds"])), started=started)  # fmt: skip
 

@@ -305,10 +305,7 @@ def train_snapshots(recipe: Recipe, splits: Splits, schedule, seed: int, epochs:
 
 def mean_curve(records: Sequence[dict], split: str = "test") -> ensemble.EnsembleCurve:
     """The seed-mean of `train_snapshots` curves, for `plots.plot_ensemble_curve`."""
-    return ensemble.EnsembleCurve(
-        np.mean([r[split]["ensemble"] for r in records], axis=0),
-        np.mean([r[split]["members"] for r in records], axis=0),
-    )
+    return ensemble.mean_curve([ensemble.EnsembleCurve(**r[split]) for r in records])
 
 
 def variables(state: TrainState) -> dict:

@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   path=out / "top_losses.png")  # fmt: skip
             plots.plot_confusion_matrix(valid.labels, probs.argmax(-1), names,
                                         path=out / "confusion.png")  # fmt: skip
-    mean_curve = ensemble.EnsembleCurve(
-        ensemble=np.mean([r["ensemble_curve_tta"] for r in per_seed], axis=0),
-        members=np.mean([r["members_tta"] for r in per_seed], axis=0),
+    mean_curve = ensemble.mean_curve(
+        [ensemble.EnsembleCurve(r["ensemble_curve_tta"], r["members_tta"]) for r in per_seed]
     )
     plots.plot_ensemble_curve(mean_curve, path=out / "ensemble.png")
 

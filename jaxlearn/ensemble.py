@@ -201,6 +201,23 @@ class EnsembleCurve(NamedTuple):
     members: np.ndarray
 
 
+def mean_curve(curves: Sequence[EnsembleCurve]) -> EnsembleCurve:
+    """The point-wise mean of several runs' curves (e.g. one per seed), for plotting.
+
+    Raises:
+      ValueError: no curves, or curves of different lengths (different snapshot counts).
+    """
+    lengths = {len(np.asarray(c.ensemble)) for c in curves} | {
+        len(np.asarray(c.members)) for c in curves
+    }
+    if len(lengths) != 1:
+        raise ValueError(f"need one or more curves of one length, got lengths {sorted(lengths)}")
+    return EnsembleCurve(
+        ensemble=np.mean([np.asarray(c.ensemble) for c in curves], axis=0),
+        members=np.mean([np.asarray(c.members) for c in curves], axis=0),
+    )
+
+
 def accuracy_curve(
     apply_fn: Callable[..., jax.Array],
     members: Sequence[PyTree] | PyTree,

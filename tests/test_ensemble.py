@@ -152,6 +152,19 @@ def test_accuracy_curve_with_views_is_that_of_tta_ensembles():
         np.testing.assert_array_equal(curve.members, np.mean(hits, axis=1))
 
 
+def test_mean_curve_averages_pointwise_and_rejects_ragged_curves():
+    a = ensemble.EnsembleCurve(np.array([0.5, 0.7]), np.array([0.5, 0.6]))
+    b = ensemble.EnsembleCurve(np.array([0.7, 0.9]), np.array([0.7, 0.8]))
+    mean = ensemble.mean_curve([a, b])
+    np.testing.assert_allclose(mean.ensemble, [0.6, 0.8])
+    np.testing.assert_allclose(mean.members, [0.6, 0.7])
+    short = ensemble.EnsembleCurve(np.array([0.5]), np.array([0.5]))
+    with pytest.raises(ValueError, match="lengths"):
+        ensemble.mean_curve([a, short])
+    with pytest.raises(ValueError, match="one or more"):
+        ensemble.mean_curve([])
+
+
 def test_tta_averages_probabilities_over_views():
     snap = _snapshots(1)[0]
     got = ensemble.predict_tta(MODEL.apply, snap, IMAGES, batch_size=4)

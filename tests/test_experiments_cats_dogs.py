@@ -47,6 +47,28 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
         assert (out / f"history_{arm}.png").stat().st_size > 1000
 
 
+def test_quick_snapshots_compare_sgdr_with_one_cosine_of_the_same_steps(data):
+    out = data / "snap"
+    argv = ["--quick", "--part", "snapshots", "--data", str(data / "data"), "--out", str(out),
+            "--n-train", "32", "--n-valid", "16", "--seeds", "1", "--cycles", "3"]  # fmt: skip
+    cats_dogs.main(argv)
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    # 32 images, batch 16, 1 epoch a cycle: 2 steps a cycle, 6 in all for both arms.
+    assert (metrics["cycle_steps"], metrics["total_steps"]) == (2, 6)
+    sgdr, cosine = metrics["per_seed"]["sgdr"][0], metrics["per_seed"]["cosine"][0]
+    assert len(sgdr["plain_members"]) == len(sgdr["tta_ensemble"]) == 3  # a snapshot a cycle
+    assert len(cosine["plain_members"]) == 1  # its final model
+    plain = metrics["summary"]["plain"]
+    assert plain["sgdr_ensemble"]["values"] == [sgdr["plain_ensemble"][-1]]
+    assert plain["cosine_single"]["values"] == [cosine["plain_members"][-1]]
+    assert plain["ensemble_minus_single"]["mean"] == pytest.approx(
+        sgdr["plain_ensemble"][-1] - cosine["plain_members"][-1]
+    )
+    assert plain["sgdr_ensemble_by_k"] == sgdr["plain_ensemble"]  # one seed: its own curve
+    for name in ("snapshots.png", "snapshots_tta.png"):
+        assert (out / name).stat().st_size > 1000
+
+
 def test_the_pool_is_disjoint_and_carries_no_labels():
     rng = np.random.default_rng(0)
     data = cats_dogs.ImageArrays(rng.integers(0, 255, (60, 4, 4, 3), np.uint8),
@@ -72,7 +94,11 @@ def test_missing_eval_dir_is_a_file_not_found(data):
                         "--eval-dir", str(data / "nowhere")])  # fmt: skip
 
 
-@pytest.mark.parametrize("flag", [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"]])
+@pytest.mark.parametrize(
+    "flag",
+    [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"], ["--cycles", "0"],
+     ["--cycle-epochs", "0"]],
+)  # fmt: skip
 def test_bad_size_epochs_or_seeds_are_rejected_before_any_work(data, flag):
     with pytest.raises(ValueError, match=f"{flag[0]} must be >= "):
         cats_dogs.main(["--quick", "--data", str(data / "data"), "--out", str(data / "o"), *flag])
