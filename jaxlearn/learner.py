@@ -424,6 +424,7 @@ class Learner:
         lr_mult: float = 100.0,
         pct_start: float = 0.3,
         div: float = 5.0,
+        unfrozen_bn: str = "train",
         callbacks: Sequence[loop.Callback] = (),
     ) -> None:
         """fastai's `fine_tune`: the head alone, then every layer (`transfer.fine_tune`).
@@ -438,6 +439,8 @@ class Learner:
           epochs: epochs with every layer training (>= 1).
           base_lr, freeze_epochs, lr_mult, pct_start, div: as `transfer.fine_tune`
             (fastai's defaults).
+          unfrozen_bn: 'eval' keeps the body's BatchNorm statistics while everything
+            trains (`transfer.fine_tune`); the learner's `bn` applies to phase 1.
           callbacks: `loop.Callback`s for both phases (after the learner's own).
         """
         self._need_data()
@@ -445,7 +448,8 @@ class Learner:
             self.model, self.state.variables, self.dls.train, epochs=epochs,
             key=self.state.rng, base_lr=base_lr, freeze_epochs=freeze_epochs,
             lr_mult=lr_mult, pct_start=pct_start, div=div, optimizer=self.opt,
-            split_at=self.split_at, bn=self.bn, preprocess=self.preprocess,
+            split_at=self.split_at, bn=self.bn, unfrozen_bn=unfrozen_bn,
+            preprocess=self.preprocess,
             augment=self.dls.augment, compute_dtype=self.compute_dtype,
             label_smoothing=LOSSES[self.loss], eval_data=self.dls.valid,
             callbacks=self._callbacks(callbacks), progress=self.progress, step=self._step,

@@ -421,6 +421,7 @@ def fine_tune(
     optimizer: Optimizer = fastai_adam,
     split_at: Sequence[str] | None = None,
     bn: str = "train",
+    unfrozen_bn: str = "train",
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     compute_dtype: Any = None,
@@ -459,6 +460,10 @@ def fine_tune(
       split_at: layer-group boundaries (`RESNET_SPLIT`, `CIFAR_RESNET_SPLIT`,
         `EFFICIENTNET_SPLIT`, ...); default `default_split(model)`.
       bn: BatchNorm of frozen groups in phase 1: 'train', 'stats' or 'eval'.
+      unfrozen_bn: BatchNorm of the body (every group but the head) in phase 2:
+        'train' (fastai), or 'eval' -- normalise with the pretrained running
+        statistics and keep them while scale, bias and weights train (the Keras
+        fine-tuning advice; needs a model with `frozen_bn`).
       preprocess: images -> float images for train and eval steps
         (`jaxlearn.pretrained.imagenet_normalize` for ImageNet weights).
       augment: `(key, images) -> images` for training.
@@ -477,6 +482,12 @@ def fine_tune(
     if epochs < 1 or freeze_epochs < 0:
         raise ValueError(
             f"epochs must be >= 1 and freeze_epochs >= 0, got {epochs}, {freeze_epochs}"
+        )
+    if unfrozen_bn not in ("train", "eval"):
+        raise ValueError(f"unfrozen_bn must be 'train' or 'eval', got {unfrozen_bn!r}")
+    if unfrozen_bn == "eval" and not hasattr(model, "frozen_bn"):
+        raise ValueError(
+            f"unfrozen_bn='eval' needs a model with `frozen_bn`, got {type(model).__name__}"
         )
     if not base_lr > 0 or not lr_mult >= 1:
         raise ValueError(f"base_lr must be > 0 and lr_mult >= 1, got {base_lr}, {lr_mult}")
@@ -503,6 +514,10 @@ def fine_tune(
             split_at=split_at,
             bn=bn,
         )
+        if n == 0 and unfrozen_bn == "eval":
+            groups = layer_groups(variables["params"], split_at)
+            body = tuple(sorted(m for m, g in groups.items() if g < num_groups - 1))
+            phase_model = phase_model.clone(frozen_bn=body)
         return fit(
             make_state(phase_model, variables, tx, key, step=step),
             train_data,

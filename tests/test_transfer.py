@@ -262,6 +262,39 @@ def test_fine_tune_trains_the_head_then_everything(tiny, tmp_path):
     np.testing.assert_allclose(histories["unfrozen"]["lr"][0], 1e-2 / 2 / 5, rtol=1e-5)
 
 
+def test_unfrozen_bn_eval_keeps_the_body_statistics_while_everything_trains(tiny):
+    model, variables, _, _ = tiny
+    rng = np.random.default_rng(1)
+    loader = ArrayLoader(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+                         rng.integers(0, 3, 16).astype(np.int32), 8)  # fmt: skip
+    ends = {}
+    for mode in ("train", "eval"):
+        capture = CaptureParams([2, 4])
+        transfer.fine_tune(model, variables, loader, epochs=1, freeze_epochs=1, base_lr=1e-2,
+                           key=jax.random.key(0), split_at=SPLIT, bn="eval", unfrozen_bn=mode,
+                           callbacks=[capture], progress=False)  # fmt: skip
+        ends[mode] = capture.snapshots
+    frozen, unfrozen = ends["eval"]
+    assert _same(unfrozen["batch_stats"], variables["batch_stats"])  # never updated
+    for name in ("conv1", "bn1"):  # weights, BatchNorm scale and bias still train
+        assert not _same(unfrozen["params"][name], frozen["params"][name])
+    # With 'train' (fastai) the statistics move in phase 2; phase 1 is the same either way.
+    assert _same(ends["train"][0], frozen)
+    assert not _same(ends["train"][1]["batch_stats"], variables["batch_stats"])
+
+
+def test_unfrozen_bn_is_checked_before_any_training(tiny):
+    model, variables, images, labels = tiny
+    loader = ArrayLoader(images, labels, 4)
+    with pytest.raises(ValueError, match="unfrozen_bn must be"):
+        transfer.fine_tune(model, variables, loader, epochs=1, key=jax.random.key(0),
+                           unfrozen_bn="stats", split_at=SPLIT)  # fmt: skip
+    mlp = get_model("mlp", 3)
+    with pytest.raises(ValueError, match="frozen_bn"):
+        transfer.fine_tune(mlp, numpy_variables(mlp, images[:1]), loader, epochs=1,
+                           key=jax.random.key(0), unfrozen_bn="eval")  # fmt: skip
+
+
 def test_an_optimizer_that_injects_its_rate_is_not_wrapped_again(tiny):
     model, variables, _, _ = tiny
     schedule = optax.linear_schedule(1.0, 0.0, 10)
