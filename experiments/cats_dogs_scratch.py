@@ -82,9 +82,10 @@ FULL = dict(
     epochs=100,  # the long arms: 2,000 steps (at 30, augmentation underfit: 0.747)
     seeds=5,
     batch=32,  # 20 steps per epoch on 650 images
-    # --part snapshots: 4 SGDR cycles of 50 epochs (1,000 steps, the length at which one
-    # cosine alone reaches ~0.78) against one 4,000-step cosine; ~10 min per seed. Cycles of
-    # 286-1,144 or 5 x 400 steps (2,000 in all) lost to the one-cycle model by 3 points.
+    # --part snapshots: 4 SGDR cycles of 50 epochs (1,000 steps) against one 4,000-step
+    # cosine, ~10 min per seed. In a 2,000-step pilot (seed 0) SGDR x2's cycles of 286, 572
+    # and 1,144 steps ended at 0.660, 0.747 and 0.768 alone and their ensemble lost to
+    # one-cycle by 3 points: a snapshot needs a cycle of 1,000+ steps to be worth averaging.
     cycles=4,
     cycle_epochs=50,
 )
@@ -202,7 +203,8 @@ def snapshot_study(model, step, train: ImageArrays, report: ImageArrays, preproc
     for v in views:  # snapshots.png, snapshots_tta.png
         plots.plot_ensemble_curve(
             mean_curve(curves["sgdr", v]), single=summary[v]["cosine_single"]["mean"],
-            label=f"{cfg['cycles']} SGDR cycles of {cycle} steps ({cfg['seeds']}-seed mean)",
+            label=f"{cfg['cycles']} SGDR cycles of {cycle} steps"
+            f"{' + TTA' if views[v] else ''} ({cfg['seeds']}-seed mean)",
             path=out / f"snapshots{'' if v == 'plain' else '_' + v}.png",
         )  # fmt: skip
     return {"cycle_steps": cycle, "total_steps": total, "summary": summary, "per_seed": records,
