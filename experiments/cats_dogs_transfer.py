@@ -98,8 +98,12 @@ REFERENCE_FINE_TUNE = 0.9946  # fast.ai ResNet-34, all 23,000 training images
 # converge on the ImageNet features before the body moves, and the body must move little
 # (linear probe, then fine-tune: Kumar et al. 2022). Lite0 trains 2.3 s per batch of 32
 # at 224 px on 2 cores: (b) takes ~4 min per seed and arm.
-FULL = dict(size=None, n_train=650, draws=50, seeds=3, freeze_epochs=3, epochs=2, batch=32)
-QUICK = dict(size=32, n_train=40, draws=8, seeds=1, freeze_epochs=1, epochs=1, batch=16)
+FULL = dict(size=None, n_train=650, draws=50, seeds=3, freeze_epochs=3, epochs=2, batch=32,
+            head_width=4096)  # fmt: skip
+# --quick's few-shot heads are 256 wide: 41 Adam steps over the post's 2.1M head weights
+# per draw are memory-bound, 3.7 s for 5 draws on 2 cores, most of a smoke run's time.
+QUICK = dict(size=32, n_train=40, draws=8, seeds=1, freeze_epochs=1, epochs=1, batch=16,
+             head_width=256)  # fmt: skip
 FINE_TUNE_BN = "eval"  # BatchNorm of the frozen groups in the head-only phase
 FINE_TUNE_UNFROZEN_BN = "eval"  # the body's BatchNorm statistics in the unfrozen phase
 # The linear probe: 10 epochs, one-cycle peak 1e-2 (on the 200 carved images above: peak
@@ -126,11 +130,12 @@ class PostHead(nn.Module):
     """
 
     num_classes: int = 2
+    width: int = 4096  # the post's; --quick narrows it (see QUICK)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         """Logits (N, num_classes) for pooled features (N, D)."""
-        x = nn.Dense(4096)(x)
+        x = nn.Dense(self.width)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(x)
         x = nn.Dense(self.num_classes)(nn.relu(x))
         return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(x)
@@ -178,12 +183,15 @@ def draw_indices(labels: np.ndarray, draws: int) -> np.ndarray:
     return np.stack([carve_indices(labels, SHOTS, seed=d)[0] for d in range(draws)])
 
 
-def few_shot(train_feats, train_labels, report_feats, report_labels, draws, key) -> np.ndarray:
+def few_shot(
+    train_feats, train_labels, report_feats, report_labels, draws, key, width: int = 4096
+) -> np.ndarray:
     """Accuracy on the report set of `draws` PostHeads, each trained on its own 6 images.
 
     All heads train at once: `jax.vmap` over the draws of a `lax.scan` over the 41 steps.
+    `width` is the head's hidden width (the post's 4096).
     """
-    head = PostHead()
+    head = PostHead(width=width)
     tx = optax.adam(HEAD_LR)
     step = make_train_step(jit=False)  # features: float, no preprocess
     idx = draw_indices(train_labels, draws)
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         accs = {}
         for name, feats in ((source, pretrained_feats), ("scratch", scratch_feats)):
             accs[name] = few_shot(feats[0], train.labels, feats[1], report.labels, cfg["draws"],
-                                  jax.random.key(1))  # fmt: skip
+                                  jax.random.key(1), width=cfg["head_width"])  # fmt: skip
             d = runs.summarize(accs[name])
             print(f"(a) {name:12} median {d['median']:.4f} [q1 {d['q1']:.4f}, q3 {d['q3']:.4f}] "
                   f"mean {d['mean']:.4f} +- {d['std']:.4f}")  # fmt: skip
