@@ -31,10 +31,19 @@ The recipe, top to bottom:
     python experiments/cats_dogs_scratch.py [--quick] [--data PATH] [--eval-dir DIR]
 
 Writes results.json and the training curves of seed 0 of each arm (history_*.png).
+
+`--part snapshots` asks whether snapshot ensembles (Huang et al. 2017) pay here: the
++augmentation recipe's budget (--snapshot-epochs) trained as M SGDR cycles with a snapshot
+at the bottom of each, for every M of --cycles, against M = 1 (one cosine over the same
+steps: the single model); the ensembles' accuracy against the number of snapshots in
+snapshots_M<M>.png (and _tta).
+
+    python experiments/cats_dogs_scratch.py --part snapshots [--cycles 1,2,4]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from functools import partial
 from pathlib import Path
@@ -82,15 +91,16 @@ FULL = dict(
     epochs=100,  # the long arms: 2,000 steps (at 30, augmentation underfit: 0.747)
     seeds=5,
     batch=32,  # 20 steps per epoch on 650 images
-    # --part snapshots: 4 SGDR cycles of 50 epochs (1,000 steps) against one 4,000-step
-    # cosine, ~10 min per seed. In a 2,000-step pilot (seed 0) SGDR x2's cycles of 286, 572
-    # and 1,144 steps ended at 0.660, 0.747 and 0.768 alone and their ensemble lost to
-    # one-cycle by 3 points: a snapshot needs a cycle of 1,000+ steps to be worth averaging.
-    cycles=4,
-    cycle_epochs=50,
+    # --part snapshots: a budget of 200 epochs (4,000 steps) as M = 1 cosine (the single
+    # model) and as M = 2 cycles of 2,000 steps, ~11 min per seed. A cycle has to converge on
+    # its own: on seed 0, 4 cycles of 1,000 steps ended at 0.760-0.773 alone and their
+    # ensemble (0.775) lost to the single model (0.798) by 2.3 points; in a 2,000-step pilot,
+    # SGDR x2's cycles of 286, 572 and 1,144 steps ended at 0.660, 0.747 and 0.768.
+    snapshot_epochs=200,
+    cycles=(1, 2),
 )
 QUICK = dict(size=32, n_train=64, n_valid=40, baseline_epochs=2, epochs=2, seeds=2, batch=16,
-             cycles=2, cycle_epochs=1)  # fmt: skip
+             snapshot_epochs=2, cycles=(1, 2))  # fmt: skip
 ARMS = ("baseline", "augment", "mixup", "pseudo")
 PEAK_LR = 3e-3  # fastai's default one-cycle peak for Adam, from scratch
 WEIGHT_DECAY = 0.05  # decoupled (AdamW): 650 images overfit within ~10 epochs without it
@@ -136,6 +146,19 @@ def augmentation(size: int):
     )
 
 
+def _cycle_counts(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): numbers of SGDR cycles, 1 (the single model) among them."""
+    try:
+        counts = tuple(sorted({int(t) for t in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4, got {text!r}") from None
+    if counts[0] != 1 or len(counts) < 2:
+        raise argparse.ArgumentTypeError(
+            f"need 1 (the single model) and at least one M > 1, got {text!r}"
+        )
+    return counts
+
+
 def train_one(
     model, step, train: ImageArrays, seed: int, cfg: dict, *, steps: int, ema: bool = False,
     schedule=None, callbacks=(),
@@ -152,62 +175,60 @@ def train_one(
 
 def snapshot_study(model, step, train: ImageArrays, report: ImageArrays, preprocess, cfg: dict,
                    out: Path) -> dict:  # fmt: skip
-    """SGDR snapshots against one cosine over the same steps, every seed; the metrics.
+    """SGDR snapshot ensembles of M cycles at one budget, against M = 1; the metrics.
 
-    Huang et al.'s comparison (issue 13, item 7): arm 'sgdr' runs `cycles` cosine cycles of
-    `cycle_epochs` each with a snapshot at the bottom of each; arm 'cosine' one cosine over
-    the same number of steps, from the same peak, its final model. Scored on `report`,
-    without and with flip TTA; writes snapshots.png (accuracy against snapshots, seed mean).
+    Huang et al.'s comparison (issue 13, item 7): for each M of `cfg['cycles']`, the
+    budget of `snapshot_epochs` is cut into M cosine cycles from the same peak, with a
+    snapshot at the bottom of each; M = 1 is the single model trained with one cosine
+    over the whole budget, the reference every ensemble is held against. Scored on
+    `report` without and with flip TTA; writes snapshots_M<M>.png and
+    snapshots_M<M>_tta.png (accuracy against the number of snapshots, seed means).
     """
-    cycle = cfg["cycle_epochs"] * (len(train) // cfg["batch"])
-    total = cfg["cycles"] * cycle
-    arms = {
-        "sgdr": S.sgdr(PEAK_LR, cycle, num_cycles=cfg["cycles"]),
-        "cosine": S.sgdr(PEAK_LR, total, num_cycles=1),
-    }
+    total = cfg["snapshot_epochs"] * (len(train) // cfg["batch"])
+    arms = {m: S.sgdr(PEAK_LR, total // m, num_cycles=m) for m in cfg["cycles"]}
     views = {"plain": None, "tta": partial(tta_views, shifts=TTA_SHIFTS)}
-    curves = {(arm, v): [] for arm in arms for v in views}
-    records = {arm: [] for arm in arms}
+    curves = {(m, v): [] for m in arms for v in views}
+    records = {f"M{m}": [] for m in arms}
     for seed in range(cfg["seeds"]):
-        for arm, schedule in arms.items():
+        for m, schedule in arms.items():
             t0 = time.time()
             capture = CaptureParams(snapshot_steps(schedule))
             train_one(model, step, train, seed, cfg, steps=total, schedule=schedule,
                       callbacks=[capture])  # fmt: skip
-            record = {"seed": seed}
+            record = {"seed": seed, "cycle_steps": total // m}
             for v, views_fn in views.items():
                 curve = accuracy_curve(model.apply, capture.snapshots, report.images,
                                        report.labels, preprocess=preprocess,
                                        views_fn=views_fn)  # fmt: skip
-                curves[arm, v].append(curve)
+                curves[m, v].append(curve)
                 record[f"{v}_members"] = curve.members.tolist()
                 record[f"{v}_ensemble"] = curve.ensemble.tolist()
             record["seconds"] = round(time.time() - t0, 1)
-            records[arm].append(record)
-            print(f"{arm:6} seed {seed}: snapshots {np.round(record['plain_members'], 4).tolist()} "
+            records[f"M{m}"].append(record)
+            print(f"M={m} seed {seed}: snapshots {np.round(record['plain_members'], 4).tolist()} "
                   f"ensemble {record['plain_ensemble'][-1]:.4f} (TTA {curve.ensemble[-1]:.4f}) "
                   f"{record['seconds']:.0f} s")  # fmt: skip
 
-    summary = {}
-    for v in views:
-        ens = [c.ensemble[-1] for c in curves["sgdr", v]]
-        single = [c.members[-1] for c in curves["cosine", v]]
-        summary[v] = {
-            "cosine_single": runs.summarize(single),
-            "sgdr_last_snapshot": runs.summarize([c.members[-1] for c in curves["sgdr", v]]),
-            "sgdr_ensemble": runs.summarize(ens),
-            "ensemble_minus_single": runs.summarize(np.subtract(ens, single).tolist()),
-            "sgdr_ensemble_by_k": mean_curve(curves["sgdr", v]).ensemble.tolist(),
-            "sgdr_member_by_k": mean_curve(curves["sgdr", v]).members.tolist(),
-        }
-    for v in views:  # snapshots.png, snapshots_tta.png
-        plots.plot_ensemble_curve(
-            mean_curve(curves["sgdr", v]), single=summary[v]["cosine_single"]["mean"],
-            label=f"{cfg['cycles']} SGDR cycles of {cycle} steps"
-            f"{' + TTA' if views[v] else ''} ({cfg['seeds']}-seed mean)",
-            path=out / f"snapshots{'' if v == 'plain' else '_' + v}.png",
-        )  # fmt: skip
-    return {"cycle_steps": cycle, "total_steps": total, "summary": summary, "per_seed": records,
+    summary = {v: {"single": runs.summarize([c.members[-1] for c in curves[1, v]])} for v in views}
+    for m in (m for m in arms if m > 1):
+        for v, views_fn in views.items():
+            ens = [c.ensemble[-1] for c in curves[m, v]]
+            single = summary[v]["single"]["values"]
+            mean = mean_curve(curves[m, v])
+            summary[v][f"M{m}"] = {
+                "last_snapshot": runs.summarize([c.members[-1] for c in curves[m, v]]),
+                "ensemble": runs.summarize(ens),
+                "ensemble_minus_single": runs.summarize(np.subtract(ens, single).tolist()),
+                "ensemble_by_k": mean.ensemble.tolist(),
+                "member_by_k": mean.members.tolist(),
+            }
+            plots.plot_ensemble_curve(
+                mean, single=summary[v]["single"]["mean"],
+                label=f"{m} SGDR cycles of {total // m} steps"
+                f"{' + TTA' if views_fn else ''} ({cfg['seeds']}-seed mean)",
+                path=out / f"snapshots_M{m}{'_tta' if views_fn else ''}.png",
+            )  # fmt: skip
+    return {"total_steps": total, "summary": summary, "per_seed": records,
             "seconds_per_seed": {a: float(np.mean([r["seconds"] for r in rs]))
                                  for a, rs in records.items()}}  # fmt: skip
 
@@ -249,20 +270,31 @@ def main(argv: list[str] | None = None) -> dict:
         default="ablation",
         help="the ablation table, or SGDR snapshots against one cosine",
     )
-    parser.add_argument("--cycles", type=int, default=None, help="snapshots: SGDR cycles (4)")
     parser.add_argument(
-        "--cycle-epochs", type=int, default=None, help="snapshots: epochs per cycle (50)"
+        "--cycles",
+        type=_cycle_counts,
+        default=None,
+        help="snapshots: numbers of cycles M to compare, e.g. 1,2,4 (1,2)",
+    )
+    parser.add_argument(
+        "--snapshot-epochs",
+        type=int,
+        default=None,
+        help="snapshots: the budget every M shares, in epochs (200)",
     )
     args = parser.parse_args(argv)  # fmt: skip
     started = time.time()
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "n_train", "n_valid", "size", "epochs", "cycles", "cycle_epochs"):
+    for key in ("seeds", "n_train", "n_valid", "size", "epochs", "cycles", "snapshot_epochs"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    for key, least in (("size", 16), ("epochs", 1), ("seeds", 1), ("cycles", 1),
-                       ("cycle_epochs", 1)):  # fmt: skip  # 16 px: 4 pools -> 1 px
+    for key, least in (("size", 16), ("epochs", 1), ("seeds", 1),
+                       ("snapshot_epochs", 1)):  # fmt: skip  # 16 px: 4 pools -> 1 px
         if cfg[key] < least:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
+    if any(cfg["snapshot_epochs"] % m for m in cfg["cycles"]):
+        raise ValueError(f"--cycles {cfg['cycles']} must each divide --snapshot-epochs "
+                         f"{cfg['snapshot_epochs']}")  # fmt: skip
 
     # 1. Data: labelled / validation / unlabelled pool; --eval-dir for the report if given.
     data, held = load(args, cfg["size"])
@@ -302,9 +334,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nreported on {report_name} ({len(report)} images), {cfg['seeds']} seeds, "
               f"{metrics['total_steps']} steps per model")  # fmt: skip
         for v, rows in metrics["summary"].items():
-            for key in ("cosine_single", "sgdr_last_snapshot", "sgdr_ensemble",
-                        "ensemble_minus_single"):  # fmt: skip
-                print(f"{v:6}{key:24}{rows[key]['mean']:>8.4f} ± {rows[key]['std']:.4f}")
+            print(f"{v:6}{'single (M=1)':28}{rows['single']['mean']:>8.4f} ± "
+                  f"{rows['single']['std']:.4f}")  # fmt: skip
+            for m, row in ((k, r) for k, r in rows.items() if k != "single"):
+                for key in ("last_snapshot", "ensemble", "ensemble_minus_single"):
+                    print(f"{v:6}{m + ' ' + key:28}{row[key]['mean']:>8.4f} ± "
+                          f"{row[key]['std']:.4f}")  # fmt: skip
         return metrics
 
     # 3. The arms x seeds; one step per arm, compiled once for all seeds (the optimizer

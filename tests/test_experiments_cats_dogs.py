@@ -47,26 +47,46 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
         assert (out / f"history_{arm}.png").stat().st_size > 1000
 
 
-def test_quick_snapshots_compare_sgdr_with_one_cosine_of_the_same_steps(data):
+def test_quick_snapshots_compare_m_cycles_with_one_cosine_of_the_same_steps(data):
     out = data / "snap"
     argv = ["--quick", "--part", "snapshots", "--data", str(data / "data"), "--out", str(out),
-            "--n-train", "32", "--n-valid", "16", "--seeds", "1", "--cycles", "3"]  # fmt: skip
-    cats_dogs.main(argv)
-    metrics = json.loads((out / "results.json").read_text())["metrics"]
-    # 32 images, batch 16, 1 epoch a cycle: 2 steps a cycle, 6 in all for both arms.
-    assert (metrics["cycle_steps"], metrics["total_steps"]) == (2, 6)
-    sgdr, cosine = metrics["per_seed"]["sgdr"][0], metrics["per_seed"]["cosine"][0]
+            "--n-train", "32", "--n-valid", "16", "--seeds", "1", "--cycles", "3,1",
+            "--snapshot-epochs", "3"]  # fmt: skip
+    metrics = cats_dogs.main(argv)
+    # 32 images, batch 16: 2 steps an epoch, 6 in all for both M = 1 and M = 3 (3 x 2 steps).
+    assert metrics["total_steps"] == 6
+    single, sgdr = metrics["per_seed"]["M1"][0], metrics["per_seed"]["M3"][0]
+    assert (single["cycle_steps"], sgdr["cycle_steps"]) == (6, 2)
     assert len(sgdr["plain_members"]) == len(sgdr["tta_ensemble"]) == 3  # a snapshot a cycle
-    assert len(cosine["plain_members"]) == 1  # its final model
+    assert len(single["plain_members"]) == 1  # its final model
     plain = metrics["summary"]["plain"]
-    assert plain["sgdr_ensemble"]["values"] == [sgdr["plain_ensemble"][-1]]
-    assert plain["cosine_single"]["values"] == [cosine["plain_members"][-1]]
-    assert plain["ensemble_minus_single"]["mean"] == pytest.approx(
-        sgdr["plain_ensemble"][-1] - cosine["plain_members"][-1]
+    assert plain["single"]["values"] == [single["plain_members"][-1]]
+    assert plain["M3"]["ensemble"]["values"] == [sgdr["plain_ensemble"][-1]]
+    assert plain["M3"]["ensemble_minus_single"]["mean"] == pytest.approx(
+        sgdr["plain_ensemble"][-1] - single["plain_members"][-1]
     )
-    assert plain["sgdr_ensemble_by_k"] == sgdr["plain_ensemble"]  # one seed: its own curve
-    for name in ("snapshots.png", "snapshots_tta.png"):
+    assert plain["M3"]["ensemble_by_k"] == sgdr["plain_ensemble"]  # one seed: its own curve
+    for name in ("snapshots_M3.png", "snapshots_M3_tta.png"):
         assert (out / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [(["--cycles", "2,4"], "need 1"), (["--cycles", "1"], "need 1"),
+     (["--cycles", "1,x"], "expected numbers"),
+     (["--cycles", "1,3", "--snapshot-epochs", "4"], "must each divide")],
+)  # fmt: skip
+def test_bad_cycle_counts_are_refused(data, flags, match, capsys):
+    argv = ["--quick", "--part", "snapshots", "--data", str(data / "data"), "--out",
+            str(data / "o"), *flags]  # fmt: skip
+    if match == "must each divide":
+        with pytest.raises(ValueError, match=match):
+            cats_dogs.main(argv)
+    else:
+        with pytest.raises(SystemExit):
+            cats_dogs.main(argv)
+        assert match in capsys.readouterr().err
+    assert not (data / "o").exists()
 
 
 def test_the_pool_is_disjoint_and_carries_no_labels():
@@ -96,8 +116,7 @@ def test_missing_eval_dir_is_a_file_not_found(data):
 
 @pytest.mark.parametrize(
     "flag",
-    [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"], ["--cycles", "0"],
-     ["--cycle-epochs", "0"]],
+    [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"], ["--snapshot-epochs", "0"]],
 )  # fmt: skip
 def test_bad_size_epochs_or_seeds_are_rejected_before_any_work(data, flag):
     with pytest.raises(ValueError, match=f"{flag[0]} must be >= "):
