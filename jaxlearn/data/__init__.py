@@ -2,7 +2,8 @@
 
 Sources: `load_image_folder` (ROOT/SPLIT/CLASS/*), `load_tfds` (tensorflow-
 datasets by name and split), `load_mnist` (the four idx files). Then `carve`
-a validation set or take a `subset`, feed `ArrayLoader`, and augment on the
+a validation set or take a `subset`, feed `ArrayLoader` (or stream data beyond
+memory with `StreamLoader`, `folder_loader` choosing), and augment on the
 device with the functions of `jaxlearn.data.augment` (and mix pairs of examples
 with `jaxlearn.data.mix`). `ImageDataLoaders` does the steps from a folder or a
 tfds name to the two loaders in one call.
@@ -32,6 +33,7 @@ from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.data.mix import BatchAugment, CutMix, MixUp
 from jaxlearn.data.mnist import load_mnist
 from jaxlearn.data.split import carve, carve_indices, subset
+from jaxlearn.data.stream import ImageFolderSource, StreamLoader, TfdsSource, folder_loader
 from jaxlearn.data.tfds import hide_gpus_from_tensorflow, load_tfds
 
 __all__ = [
@@ -41,7 +43,10 @@ __all__ = [
     "CutMix",
     "ImageArrays",
     "ImageDataLoaders",
+    "ImageFolderSource",
     "MixUp",
+    "StreamLoader",
+    "TfdsSource",
     "carve",
     "carve_indices",
     "channel_stats",
@@ -50,6 +55,7 @@ __all__ = [
     "cutout",
     "default_cache_dir",
     "denormalize",
+    "folder_loader",
     "hflip",
     "hide_gpus_from_tensorflow",
     "load_image_folder",

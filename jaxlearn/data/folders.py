@@ -90,13 +90,7 @@ def load_image_folder(
     check_resize(size, resize)
     if workers is not None and (isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
-    folder = _split_folder(root, split)
-    train = Path(root, "train")
-    if class_names is None and split != "train" and train.is_dir():
-        class_names = _class_folders(train)
-    names, paths, labels, report = _scan(folder, class_names)
-    if not paths:
-        raise ValueError(f"no image files in {folder} (class folders: {list(names)})")
+    folder, names, paths, labels, report = scan_split(root, split, class_names)
 
     entry = None
     if cache:
@@ -134,6 +128,32 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def scan_split(
+    root: str | os.PathLike, split: str, class_names: Sequence[str] | None = None
+) -> tuple[Path, tuple[str, ...], list[str], list[int], dict]:
+    """ROOT/SPLIT's class names, files and labels, as `load_image_folder` finds them; nothing read.
+
+    Shared with the streaming source (`jaxlearn.data.stream`), so that both paths give
+    a file the same label.
+
+    Returns:
+      (the split folder, class names, file paths, their labels, the report of
+      what was left out: 'total', 'skipped' by reason, 'empty_classes').
+
+    Raises:
+      FileNotFoundError: ROOT or ROOT/SPLIT does not exist.
+      ValueError: bad `class_names`, a class folder not among them, or no file at all.
+    """
+    folder = _split_folder(root, split)
+    train = Path(root, "train")
+    if class_names is None and split != "train" and train.is_dir():
+        class_names = _class_folders(train)
+    names, paths, labels, report = _scan(folder, class_names)
+    if not paths:
+        raise ValueError(f"no image files in {folder} (class folders: {list(names)})")
+    return folder, names, paths, labels, report
 
 
 def _split_folder(root: str | os.PathLike, split: str) -> Path:
