@@ -223,6 +223,49 @@ class Checkpoint(Callback):
         self.checkpointer.wait()
 
 
+class _Watched(Callback):
+    """A callback whose requests to stop are noted (`watch_stops`)."""
+
+    def __init__(self, inner: Callback):
+        self.inner, self.stopped = inner, False
+
+    def _noted(self, stop: bool | None) -> bool | None:
+        self.stopped = self.stopped or bool(stop)
+        return stop
+
+    def on_train_begin(self, step, state, history):
+        self.inner.on_train_begin(step, state, history)
+
+    def needs_history(self, step):
+        return self.inner.needs_history(step)
+
+    def on_step_end(self, step, state, metrics, history):
+        return self._noted(self.inner.on_step_end(step, state, metrics, history))
+
+    def on_epoch_end(self, step, state, history):
+        return self._noted(self.inner.on_epoch_end(step, state, history))
+
+    def on_train_end(self, step, state, history):
+        self.inner.on_train_end(step, state, history)
+
+
+def watch_stops(callbacks: Iterable[Callback]) -> list[Callback]:
+    """The callbacks, each wrapped so that a request to stop is noted (`stop_requested`).
+
+    For runs made of several `fit` calls (`fine_tune`'s phases, `fit_progressive`'s
+    stages): `fit` stops when a hook returns True but does not say so, and a stop at a
+    phase's last epoch (`StopAtMetric`) would look like the phase's normal end. The
+    same wrapped list goes to every phase. `Checkpoint`s stay as they are (`fit` finds
+    them by type to wait for their saves; they never ask to stop).
+    """
+    return [c if isinstance(c, Checkpoint) else _Watched(c) for c in callbacks]
+
+
+def stop_requested(callbacks: Iterable[Callback]) -> bool:
+    """Whether a callback of a `watch_stops` list has asked to stop."""
+    return any(c.stopped for c in callbacks if isinstance(c, _Watched))
+
+
 @jax.jit
 def _stack(metrics: list[dict]) -> dict:
     """Many steps' metrics as one array per name, so a fetch is one transfer per name.

@@ -22,40 +22,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxlearn.loop import Callback, Checkpoint, Loader, fit
+from jaxlearn.loop import Loader, fit, stop_requested, watch_stops
 from jaxlearn.state import TrainState
 
 __all__ = ["fit_progressive"]
-
-
-class _Watched(Callback):
-    """A callback whose requests to stop are noted, so that they end the run, not the stage.
-
-    `fit` stops when a hook returns True but does not say so; a stop at a stage's
-    last epoch (`StopAtMetric`) would otherwise look like the stage's normal end.
-    """
-
-    def __init__(self, inner: Callback):
-        self.inner, self.stopped = inner, False
-
-    def _noted(self, stop: bool | None) -> bool | None:
-        self.stopped = self.stopped or bool(stop)
-        return stop
-
-    def on_train_begin(self, step, state, history):
-        self.inner.on_train_begin(step, state, history)
-
-    def needs_history(self, step):
-        return self.inner.needs_history(step)
-
-    def on_step_end(self, step, state, metrics, history):
-        return self._noted(self.inner.on_step_end(step, state, metrics, history))
-
-    def on_epoch_end(self, step, state, history):
-        return self._noted(self.inner.on_epoch_end(step, state, history))
-
-    def on_train_end(self, step, state, history):
-        self.inner.on_train_end(step, state, history)
 
 
 def _check_stages(stages, train_data: Loader) -> tuple[tuple[int, int], ...]:
@@ -150,10 +120,7 @@ def fit_progressive(
     if clashing:
         raise ValueError(f"fit_progressive: the stages set {clashing}; do not pass them")
     steps = _steps_for(step_for_size, [size for size, _ in stages])
-    callbacks = [
-        c if isinstance(c, Checkpoint) else _Watched(c)  # fit waits on Checkpoints by type
-        for c in fit_kwargs.pop("callbacks", None) or ()
-    ]
+    callbacks = watch_stops(fit_kwargs.pop("callbacks", None) or ())
     history = fit_kwargs.pop("history", None)
     ends = np.cumsum([epochs for _, epochs in stages])  # epochs done at each stage's end
     steps_per_epoch = len(train_data)
@@ -172,7 +139,6 @@ def fit_progressive(
             callbacks=callbacks,
             **fit_kwargs,
         )
-        stopped = any(c.stopped for c in callbacks if isinstance(c, _Watched))
-        if stopped or int(state.step) < end * steps_per_epoch:
+        if stop_requested(callbacks) or int(state.step) < end * steps_per_epoch:
             break
     return state, history

@@ -40,7 +40,7 @@ import optax
 from flax import traverse_util
 
 from jaxlearn.inference import apply_batched
-from jaxlearn.loop import Callback, fit
+from jaxlearn.loop import Callback, fit, stop_requested, watch_stops
 from jaxlearn.models.layers import head
 from jaxlearn.schedules import one_cycle
 from jaxlearn.state import TrainState
@@ -477,7 +477,8 @@ def fine_tune(
 
     Returns:
       `(state, {'frozen': history, 'unfrozen': history})`, each phase's own records
-      (the unfrozen phase's steps and epochs continue the frozen phase's).
+      (the unfrozen phase's steps and epochs continue the frozen phase's). A callback
+      that stops phase 1 (e.g. `StopAtMetric`) ends the run there: no 'unfrozen' entry.
     """
     if epochs < 1 or freeze_epochs < 0:
         raise ValueError(
@@ -493,6 +494,7 @@ def fine_tune(
         raise ValueError(f"base_lr must be > 0 and lr_mult >= 1, got {base_lr}, {lr_mult}")
     split_at = default_split(model) if split_at is None else split_at
     num_groups = len(split_at) + 1
+    callbacks = watch_stops(callbacks)  # a stop in phase 1 ends the run, not just the phase
     eval_step = None
     if eval_data is not None:
         eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype)
@@ -536,6 +538,8 @@ def fine_tune(
         factors = (0.1,) * (num_groups - 1) + (1.0,)  # fastai's slice(base_lr)
         until = step + freeze_epochs * steps_per_epoch
         state, histories["frozen"] = phase(variables, -1, until, schedule, factors, key, step)
+        if stop_requested(callbacks) or int(state.step) < until:
+            return state, histories
         variables, key = state.variables, jax.random.fold_in(state.rng, 1)
         step = int(state.step)
     lr = base_lr / 2

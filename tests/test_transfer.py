@@ -11,7 +11,7 @@ from model_init import numpy_variables
 from jaxlearn import transfer
 from jaxlearn.checkpoint import Checkpointer
 from jaxlearn.data.loader import ArrayLoader
-from jaxlearn.loop import CaptureParams, Checkpoint
+from jaxlearn.loop import Callback, CaptureParams, Checkpoint
 from jaxlearn.models import CifarResNet, get_model
 from jaxlearn.schedules import one_cycle
 from jaxlearn.steps import cross_entropy, injected_learning_rate, make_train_step
@@ -281,6 +281,29 @@ def test_unfrozen_bn_eval_keeps_the_body_statistics_while_everything_trains(tiny
     # With 'train' (fastai) the statistics move in phase 2; phase 1 is the same either way.
     assert _same(ends["train"][0], frozen)
     assert not _same(ends["train"][1]["batch_stats"], variables["batch_stats"])
+
+
+class _StopAfterEpoch(Callback):
+    def __init__(self):
+        self.epochs = 0
+
+    def on_epoch_end(self, step, state, history):
+        self.epochs += 1
+        return True
+
+
+def test_a_stop_in_the_head_only_phase_ends_fine_tune(tiny):
+    model, variables, _, _ = tiny
+    rng = np.random.default_rng(1)
+    loader = ArrayLoader(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+                         rng.integers(0, 3, 16).astype(np.int32), 8)  # fmt: skip
+    stop = _StopAfterEpoch()
+    # The stop comes at phase 1's last epoch, where fit's own end looks the same.
+    state, histories = transfer.fine_tune(model, variables, loader, epochs=2, freeze_epochs=1,
+                                          key=jax.random.key(0), split_at=SPLIT,
+                                          callbacks=[stop], progress=False)  # fmt: skip
+    assert stop.epochs == 1 and int(state.step) == 2
+    assert set(histories) == {"frozen"}
 
 
 def test_unfrozen_bn_is_checked_before_any_training(tiny):
