@@ -88,6 +88,7 @@ OPTIONAL = {
     "safetensors": "reading .safetensors weights",
     "scipy": "the flatness experiment's statistics",
     "hypothesis": "the property tests",
+    "grain": "StreamLoader and its tests (jaxlearn[stream])",
     "xdist": "running the tests on several cores",
 }
 VERSIONS = (

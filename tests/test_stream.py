@@ -23,6 +23,9 @@ from jaxlearn.data import (
     load_image_folder,
 )
 
+# The test extra installs Grain; a machine set up without it (the GPU check's) skips these.
+pytest.importorskip("grain", reason='StreamLoader needs Grain: pip install "jaxlearn[stream]"')
+
 SIZE, BATCH = 8, 4
 
 
