@@ -194,6 +194,7 @@ def freeze_to(
     lr_factors: Sequence[float] | None = None,
     split_at: Sequence[str] | None = None,
     bn: str = "train",
+    stats_frozen_to: int | None = None,
 ) -> tuple[nn.Module, optax.GradientTransformation]:
     """Freeze the first `n` layer groups: the model and optimizer to train the rest with.
 
@@ -218,6 +219,10 @@ def freeze_to(
         default 1 for every group.
       split_at: group boundaries (see `layer_groups`); default `default_split(model)`.
       bn: 'train', 'stats' or 'eval' for BatchNorm in frozen groups (module docstring).
+      stats_frozen_to: the first this many groups normalise with their running
+        statistics and keep them, trainable or not (needs `frozen_bn`); default:
+        the frozen groups with `bn='eval'`, none otherwise. `fine_tune`'s
+        `unfrozen_bn='eval'` keeps the whole body's statistics this way.
 
     Returns:
       `(model, tx)`: the model to build the train state with and its optimizer.
@@ -236,15 +241,17 @@ def freeze_to(
         if f"group{g}" in used
     }
     transforms["frozen"] = optax.set_to_zero()
-    if bn == "eval" or hasattr(model, "frozen_bn"):
+    if bn == "eval" or stats_frozen_to is not None or hasattr(model, "frozen_bn"):
         if not hasattr(model, "frozen_bn"):
             raise ValueError(
-                f"bn='eval' needs a model with `frozen_bn`, got {type(model).__name__}"
+                f"bn='eval' and stats_frozen_to need a model with `frozen_bn`, "
+                f"got {type(model).__name__}"
             )
+        if stats_frozen_to is None:
+            stats_frozen_to = (n % num_groups if n < 0 else n) if bn == "eval" else 0
         groups = layer_groups(params, split_at)
-        frozen = n % num_groups if n < 0 else n
-        names = sorted(m for m, g in groups.items() if g < frozen) if bn == "eval" else []
-        model = model.clone(frozen_bn=tuple(names))
+        model = model.clone(frozen_bn=tuple(sorted(m for m, g in groups.items()
+                                                   if g < stats_frozen_to)))  # fmt: skip
     return model, optax.partition(transforms, labels)
 
 
@@ -515,11 +522,8 @@ def fine_tune(
             lr_factors=factors,
             split_at=split_at,
             bn=bn,
+            stats_frozen_to=num_groups - 1 if n == 0 and unfrozen_bn == "eval" else None,
         )
-        if n == 0 and unfrozen_bn == "eval":
-            groups = layer_groups(variables["params"], split_at)
-            body = tuple(sorted(m for m, g in groups.items() if g < num_groups - 1))
-            phase_model = phase_model.clone(frozen_bn=body)
         return fit(
             make_state(phase_model, variables, tx, key, step=step),
             train_data,
