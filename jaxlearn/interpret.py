@@ -14,23 +14,30 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxlearn import plots
+from jaxlearn.data.stream import SourceImages
 
 
 class ClassificationInterpretation:
     """Images, labels and predicted probabilities of one data set, and views of the mistakes.
 
     Attributes:
-      images: (N, H, W, C) images as the loaders hold them.
+      images: (N, H, W, C) images as the loaders hold them, or `SourceImages` (a
+        streamed set's, read from disk when shown).
       labels: (N,) true classes.
       probs: (N, C) predicted probabilities.
       classes: the C class names.
     """
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+        self,
+        images: np.ndarray | SourceImages,
+        labels: np.ndarray,
+        probs: np.ndarray,
+        classes: Sequence[str],
     ):
         """Args: images, labels, probs, classes: see the class attributes."""
-        self.images, self.labels = np.asarray(images), np.asarray(labels)
+        self.images = images if isinstance(images, SourceImages) else np.asarray(images)
+        self.labels = np.asarray(labels)
         self.probs, self.classes = np.asarray(probs), tuple(classes)
         n = len(self.labels)
         if self.probs.shape != (n, len(self.classes)) or len(self.images) != n:
@@ -49,10 +56,11 @@ class ClassificationInterpretation:
           dl_or_images: None (the validation set), an `ImageArrays` or an `ArrayLoader`.
           with_tta: predict with test-time augmentation (`Learner.tta`).
         """
-        images, labels = learn._images_of(dl_or_images)
+        probs, labels, images = learn._predictions(
+            dl_or_images, learn.state.apply_fn, learn._members(False), with_tta=with_tta
+        )
         if labels is None:
             raise ValueError("interpretation needs labelled data: an ImageArrays or a loader")
-        probs, _ = learn.get_preds(images, with_tta=with_tta)
         return cls(images, labels, probs, learn.classes)
 
     @property
@@ -82,9 +90,11 @@ class ClassificationInterpretation:
 
     def plot_top_losses(self, k: int = 9, path: str | os.PathLike | None = None):
         """The `k` most confidently wrong images (`plots.plot_top_losses`)."""
+        worst, _ = self.top_losses(k)  # only these images are read (from disk, if streamed)
         return plots.plot_top_losses(
-            self.images, self.labels, self.probs, self.classes, k=k, path=path
-        )
+            self.images[worst], self.labels[worst], self.probs[worst], self.classes, k=k,
+            path=path,
+        )  # fmt: skip
 
     def plot_confusion_matrix(self, path: str | os.PathLike | None = None):
         """The confusion matrix with its counts (`plots.plot_confusion_matrix`)."""

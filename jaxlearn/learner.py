@@ -48,6 +48,7 @@ from jaxlearn.data.arrays import ImageArrays
 from jaxlearn.data.augment import tta_views
 from jaxlearn.data.images import decode_file, resize_array
 from jaxlearn.data.loader import ArrayLoader
+from jaxlearn.data.stream import SourceImages, StreamLoader
 from jaxlearn.ensemble import combine_logits, member_logits, snapshot_steps
 from jaxlearn.schedules import one_cycle, sgdr
 from jaxlearn.state import TrainState
@@ -100,8 +101,7 @@ class _EpochMetrics(loop.Callback):
         self.learn, self.metrics = learn, metrics
 
     def on_epoch_end(self, step, state, history):
-        images, labels = self.learn._images_of(None)
-        probs = _probabilities(state.apply_fn, [state.variables], images, self.learn.preprocess)
+        probs, labels, _ = self.learn._predictions(None, state.apply_fn, [state.variables])
         for name, metric in self.metrics.items():
             history.setdefault(f"eval_{name}", []).append(metric(probs, labels))
 
@@ -201,7 +201,8 @@ class Learner:
         key = jax.random.key(seed)
         if variables is None:
             # The initialisation does not depend on the optimizer: a stand-in one here.
-            fresh = TrainState.create(model, optax.identity(), key, dls.train_ds.images[:1])
+            sample = np.zeros((1, *dls.image_shape), np.uint8)  # loaders serve uint8
+            fresh = TrainState.create(model, optax.identity(), key, sample)
             variables, key = fresh.variables, fresh.rng
         self.state = self._resting(variables, key, 0)
 
@@ -508,13 +509,46 @@ class Learner:
         return result
 
     def _images_of(self, data) -> tuple[Any, np.ndarray | None]:
-        """(images, labels or None) of the validation set, `ImageArrays`, a loader or images."""
+        """(images, labels or None) of the validation set, `ImageArrays`, a loader or images.
+
+        A streamed set's images stay on disk: its `StreamLoader` stands for them.
+        """
         if data is None:
             self._need_data()
-            data = self.dls.valid_ds
+            data = self.dls.valid if self.dls.streamed else self.dls.valid_ds
         if isinstance(data, ImageArrays | ArrayLoader):
             return data.images, data.labels
+        if isinstance(data, StreamLoader):
+            if data.train:
+                raise ValueError(
+                    "predictions need an evaluation loader (train=False: every image once, "
+                    "in order), got a training StreamLoader"
+                )
+            return data, None  # labels come with the batches
         return data, None
+
+    def _predictions(
+        self, dl_or_images, apply_fn, members, *, with_tta: bool = False, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray | None, Any]:
+        """(probs averaged over `members`, labels, images); a streamed set's as `SourceImages`."""
+        images, labels = self._images_of(dl_or_images)
+        probabilities = functools.partial(
+            _probabilities, apply_fn, members, preprocess=self.preprocess,
+            views_fn=tta_views if with_tta else None, batch_size=batch_size,
+        )  # fmt: skip
+        if not isinstance(images, StreamLoader):
+            return probabilities(images), labels, images
+        if jax.process_count() > 1:
+            raise ValueError("predictions over a streamed set run in one process")
+        probs, labels, kept = [], [], []
+        for step, batch in enumerate(images):  # evaluation order: examples 0, 1, ...
+            mask = np.asarray(batch["mask"])  # False: padding, or a file that cannot be read
+            probs.append(probabilities(np.asarray(batch["image"])[mask]))
+            labels.append(np.asarray(batch["label"])[mask])
+            kept.append(step * images.batch_size + np.flatnonzero(mask))
+        kept = np.concatenate(kept)
+        on_disk = SourceImages(images.source, kept, images.size, images.resize)
+        return np.concatenate(probs), np.concatenate(labels), on_disk
 
     def get_preds(
         self,
@@ -527,7 +561,8 @@ class Learner:
 
         Args:
           dl_or_images: None (the validation set), an `ImageArrays`, an `ArrayLoader`,
-            or (N, H, W, C) images as the loaders hold them.
+            an evaluation `StreamLoader` (its readable images, in order), or
+            (N, H, W, C) images as the loaders hold them.
           with_tta: average over test-time views (`data.augment.tta_views`: the image
             and its mirror), fastai's TTA.
           ensemble: average over `learn.snapshots` (from `fit_sgdr`) instead of the
@@ -537,15 +572,17 @@ class Learner:
         Returns:
           `(probs (N, C), labels (N,) or None when images were given alone)`.
         """
-        images, labels = self._images_of(dl_or_images)
-        if ensemble and not self.snapshots:
-            raise ValueError("ensemble=True needs snapshots: fit_sgdr captures one per cycle")
-        members = self.snapshots if ensemble else [self.state.variables]
-        probs = _probabilities(
-            self.state.apply_fn, members, images, self.preprocess,
-            views_fn=tta_views if with_tta else None, batch_size=batch_size,
+        probs, labels, _ = self._predictions(
+            dl_or_images, self.state.apply_fn, self._members(ensemble), with_tta=with_tta,
+            batch_size=batch_size,
         )  # fmt: skip
         return probs, labels
+
+    def _members(self, ensemble: bool) -> list:
+        """The variables predictions average over: the snapshots, or the current ones."""
+        if ensemble and not self.snapshots:
+            raise ValueError("ensemble=True needs snapshots: fit_sgdr captures one per cycle")
+        return self.snapshots if ensemble else [self.state.variables]
 
     def tta(self, dl_or_images=None, ensemble: bool = False):
         """`get_preds(..., with_tta=True)`: probabilities averaged over the image and its mirror."""

@@ -168,6 +168,58 @@ def test_folder_loader_streams_above_the_budget_and_says_so(folder, monkeypatch,
         folder_loader(folder, "train", SIZE, BATCH, worker=2)
 
 
+def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder, caplog, tmp_path):
+    import jaxlearn as jl
+    from jaxlearn.interpret import ClassificationInterpretation
+    from jaxlearn.learner import vision_learner
+
+    caplog.set_level(logging.INFO, logger="jaxlearn.data.stream")
+    flip = jl.data.random_flip()
+    common = dict(valid_pct=0.3, size=SIZE, batch_size=BATCH, augment=flip, seed=1)
+    memory = jl.ImageDataLoaders.from_folder(folder, **common, budget=3456,
+                                             cache_dir=tmp_path, progress=False)  # fmt: skip
+    streamed = jl.ImageDataLoaders.from_folder(folder, **common, budget=3455, threads=0)
+    assert not memory.streamed and streamed.streamed
+    lines = [r.getMessage() for r in caplog.records if "files at" in r.getMessage()]
+    assert "into memory" in lines[0] and "streamed from disk" in lines[1]
+    assert isinstance(streamed.train_ds, ImageFolderSource) and streamed.image_shape == (8, 8, 3)
+    # the same carved split, file for file
+    np.testing.assert_array_equal(streamed.valid_ds.labels, memory.valid_ds.labels)
+    assert len(streamed.train_ds) == len(memory.train_ds) == 13  # 5 valid: a padded batch
+    for got, want in zip(streamed.one_batch(6), memory.one_batch(6), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    metrics = ("accuracy", "error_rate")
+    learners = [vision_learner(d, "mlp", pretrained=False, metrics=metrics, path=tmp_path,
+                               progress=False) for d in (streamed, memory)]  # fmt: skip
+    for learn in learners:
+        learn.fit_one_cycle(2, lr_max=1e-2)
+    got, want = learners
+    for a, b in zip(jax.tree.leaves(got.state.params), jax.tree.leaves(want.state.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    assert got.history.keys() == want.history.keys() and "eval_error_rate" in got.history
+    for k in set(want.history) - {"time"}:
+        np.testing.assert_array_equal(got.history[k], want.history[k], err_msg=k)
+    for a, b in zip(got.tta(), want.tta(), strict=True):  # the validation set, with TTA
+        np.testing.assert_array_equal(a, b)
+
+    shown = ClassificationInterpretation.from_learner(got)
+    kept = ClassificationInterpretation.from_learner(want)
+    assert shown.images.shape == kept.images.shape  # on disk, not in memory
+    worst, _ = kept.top_losses(3)
+    np.testing.assert_array_equal(shown.images[worst], kept.images[worst])
+    shown.plot_top_losses(3, path=tmp_path / "top.png")
+    with pytest.raises(ValueError, match="evaluation loader"):
+        got.get_preds(streamed.train)
+    with pytest.raises(TypeError, match="worker"):
+        jl.ImageDataLoaders.from_folder(folder, **common, worker=2)
+    with pytest.raises(ValueError, match="both be ImageArrays or both"):
+        jl.ImageDataLoaders(streamed.train_ds, memory.valid_ds)
+    with pytest.raises(ValueError, match="need size="):
+        jl.ImageDataLoaders(streamed.train_ds, streamed.valid_ds)
+
+
 def test_tfds_source_streams_what_load_tfds_loads(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     from jaxlearn.data import load_tfds

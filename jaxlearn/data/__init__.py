@@ -33,7 +33,13 @@ from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.data.mix import BatchAugment, CutMix, MixUp
 from jaxlearn.data.mnist import load_mnist
 from jaxlearn.data.split import carve, carve_indices, subset
-from jaxlearn.data.stream import ImageFolderSource, StreamLoader, TfdsSource, folder_loader
+from jaxlearn.data.stream import (
+    ImageFolderSource,
+    SourceImages,
+    StreamLoader,
+    TfdsSource,
+    folder_loader,
+)
 from jaxlearn.data.tfds import hide_gpus_from_tensorflow, load_tfds
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "ImageDataLoaders",
     "ImageFolderSource",
     "MixUp",
+    "SourceImages",
     "StreamLoader",
     "TfdsSource",
     "carve",

@@ -6,12 +6,16 @@ set carved off when the folder has none (`carve`: stratified and seeded), the cl
 names taken from the training split, and the two `ArrayLoader`s the pure training loop
 takes (`dls.train` shuffles per (seed, epoch), `dls.valid` keeps order and pads). The
 augmentation travels with the data, as fastai's `batch_tfms` do, and the train step
-applies it on the device. Everything here can be done by hand with those functions.
+applies it on the device. A folder too large to decode into memory is streamed from disk
+instead (`StreamLoader`, chosen by a memory budget as `folder_loader` chooses), with the
+same split and the same batches. Everything here can be done by hand with those functions.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -20,10 +24,18 @@ from jax.sharding import Mesh
 
 from jaxlearn.data.arrays import ImageArrays
 from jaxlearn.data.augment import Augment
-from jaxlearn.data.folders import _class_folders, load_image_folder
+from jaxlearn.data.folders import _class_folders, load_image_folder, scan_split
 from jaxlearn.data.loader import ArrayLoader
-from jaxlearn.data.split import carve
+from jaxlearn.data.split import carve_indices
+from jaxlearn.data.stream import (
+    ImageFolderSource,
+    StreamLoader,
+    check_stream_options,
+    choose_stream,
+)
 from jaxlearn.data.tfds import load_tfds
+
+logger = logging.getLogger(__name__)
 
 #: The validation fraction carved off when a data set has no validation split (fastai's).
 DEFAULT_VALID_PCT = 0.2
@@ -32,11 +44,17 @@ DEFAULT_VALID_PCT = 0.2
 class ImageDataLoaders:
     """The training and validation loaders of one image classification data set.
 
+    The splits are decoded into memory (`ImageArrays`, served by `ArrayLoader`s) or,
+    when they would not fit (`from_folder` chooses by a memory budget), streamed from
+    disk (`ImageFolderSource`, served by `StreamLoader`s); both serve the same batches.
+
     Attributes:
-      train_ds, valid_ds: the `ImageArrays` of each split (fastai's names).
-      train: `ArrayLoader` of `train_ds`, shuffled per (seed, epoch), last partial
+      train_ds, valid_ds: each split (fastai's names): `ImageArrays`, or the
+        `ImageFolderSource` of its files when streamed.
+      train: the loader of `train_ds`, shuffled per (seed, epoch), last partial
         batch dropped.
-      valid: evaluation `ArrayLoader` of `valid_ds`, in order, last batch padded.
+      valid: the evaluation loader of `valid_ds`, in order, last batch padded.
+      image_shape: (H, W, C) of every image, as the model takes them.
       augment: `(key, images) -> images`, applied by the train step on the device.
       resize: how the images were brought to their size ('crop' or 'squash'), so
         that a new image is prepared the same way (`Learner.predict`).
@@ -45,38 +63,63 @@ class ImageDataLoaders:
 
     def __init__(
         self,
-        train: ImageArrays,
-        valid: ImageArrays,
+        train: ImageArrays | ImageFolderSource,
+        valid: ImageArrays | ImageFolderSource,
         *,
         batch_size: int = 64,
         augment: Augment | None = None,
         seed: int = 0,
         resize: str = "crop",
         mesh: Mesh | None = None,
+        size: int | None = None,
+        **stream_options,
     ):
         """Check that the splits fit together and build their loaders.
 
         Args:
-          train: the training split.
-          valid: the validation split, with the same class names.
+          train: the training split: decoded images (`ImageArrays`, served by an
+            `ArrayLoader`), or files to stream (`ImageFolderSource`, served by a
+            `StreamLoader`).
+          valid: the validation split, of the same kind, with the same class names.
           batch_size: examples per step (a multiple of the device count).
           augment: on-device augmentation of training batches, e.g.
             `jaxlearn.data.compose(random_crop(4), random_flip())`; None: none.
           seed: seed of the training shuffle.
-          resize: the policy the images were resized with ('crop' or 'squash').
+          resize: the policy the images were (or are, when streamed) resized with
+            ('crop' or 'squash').
           mesh: data mesh of the loaders (default: all devices).
+          size: side the streamed images are decoded to (streamed splits only: decoded
+            ones have theirs).
+          **stream_options: `StreamLoader`'s `workers`, `threads`, `prefetch`, `crop`
+            (streamed splits only).
 
         Raises:
-          ValueError: splits with different class names or image shapes, fewer than
-            two classes with training images, a class with validation images but no
-            training image, or a bad `batch_size` or `augment`.
+          ValueError: splits of different kinds, class names or image shapes, fewer
+            than two classes with training images, a class with validation images but
+            no training image, a `size` missing (streamed) or given (decoded), or a bad
+            `batch_size` or `augment`.
+          TypeError: a keyword that is none of these.
         """
+        check_stream_options(stream_options, "ImageDataLoaders")
+        streamed = isinstance(train, ImageFolderSource)
+        if streamed != isinstance(valid, ImageFolderSource):
+            raise ValueError(
+                "train and valid must both be ImageArrays or both ImageFolderSource, got "
+                f"{type(train).__name__} and {type(valid).__name__}"
+            )
+        if streamed and size is None:
+            raise ValueError("streamed splits need size=, the side they are decoded to")
+        if not streamed and (size is not None or stream_options):
+            raise ValueError(
+                "size= and streaming options are for streamed splits: decoded images have "
+                "their size already"
+            )
         if train.class_names != valid.class_names:
             raise ValueError(
                 f"train and valid must share their class names, got {list(train.class_names)} "
                 f"and {list(valid.class_names)}"
             )
-        if train.images.shape[1:] != valid.images.shape[1:]:
+        if not streamed and train.images.shape[1:] != valid.images.shape[1:]:
             raise ValueError(
                 f"train and valid images differ in shape: {train.images.shape[1:]} vs "
                 f"{valid.images.shape[1:]}"
@@ -98,12 +141,27 @@ class ImageDataLoaders:
             )
         self.train_ds, self.valid_ds = train, valid
         self.augment, self.seed, self.resize = augment, seed, resize
-        self.train = ArrayLoader(
-            train.images, train.labels, batch_size, seed=seed, num_classes=len(names), mesh=mesh
-        )
-        self.valid = ArrayLoader(
-            valid.images, valid.labels, batch_size, train=False, num_classes=len(names), mesh=mesh
-        )
+        if streamed:
+            common = dict(resize=resize, mesh=mesh, **stream_options)
+            self.image_shape = (size, size, train.channels)
+            self.train = StreamLoader(train, batch_size, size, seed=seed, **common)
+            valid_options = {k: v for k, v in common.items() if k != "crop"}  # centre only
+            self.valid = StreamLoader(valid, batch_size, size, train=False, **valid_options)
+        else:
+            self.image_shape = tuple(train.images.shape[1:])
+            self.train = ArrayLoader(
+                train.images, train.labels, batch_size, seed=seed, num_classes=len(names),
+                mesh=mesh,
+            )  # fmt: skip
+            self.valid = ArrayLoader(
+                valid.images, valid.labels, batch_size, train=False, num_classes=len(names),
+                mesh=mesh,
+            )  # fmt: skip
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the loaders stream their images from disk (`StreamLoader`)."""
+        return isinstance(self.train, StreamLoader)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -119,11 +177,6 @@ class ImageDataLoaders:
     def batch_size(self) -> int:
         """Examples per training step."""
         return self.train.batch_size
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """(H, W, C) of every image, as the model takes them."""
-        return tuple(self.train_ds.images.shape[1:])
 
     @classmethod
     def from_folder(
@@ -141,6 +194,9 @@ class ImageDataLoaders:
         cache_dir: str | os.PathLike | None = None,
         progress: bool = True,
         mesh: Mesh | None = None,
+        stream: bool | None = None,
+        budget: int | None = None,
+        **stream_options,
     ) -> ImageDataLoaders:
         """Loaders of PATH/TRAIN/CLASS/* and PATH/VALID/CLASS/* (fastai's `from_folder`).
 
@@ -148,6 +204,10 @@ class ImageDataLoaders:
         exist, or `valid_pct` is given, a stratified, seeded `valid_pct` of PATH/TRAIN
         (default `DEFAULT_VALID_PCT`) is carved off as the validation set (and
         PATH/VALID, if any, is not read).
+
+        The images are decoded into memory while they fit `budget`, and streamed
+        from disk beyond it (`folder_loader`'s choice, said in one log line); the
+        batches are the same either way, the carved split too.
 
         Args:
           path: the data set folder.
@@ -160,14 +220,20 @@ class ImageDataLoaders:
           cache_dir: where decoded arrays are cached (default $JAXLEARN_CACHE or
             ~/.cache/jaxlearn).
           progress: show progress bars while decoding.
+          stream: True or False forces streaming or decoding; None chooses by `budget`.
+          budget: bytes the decoded images may take (default `stream.memory_budget()`).
+          **stream_options: `StreamLoader`'s `workers`, `threads`, `prefetch`, `crop`,
+            used when it streams.
 
         Raises:
           FileNotFoundError: PATH or PATH/TRAIN does not exist.
           ValueError: `valid_pct` outside (0, 1), a class folder in PATH/VALID that
             PATH/TRAIN lacks, no readable image, fewer than two classes, and the
             errors of `ImageDataLoaders`.
+          TypeError: a keyword that is none of these.
         """
         _check_valid_pct(valid_pct)
+        check_stream_options(stream_options, "from_folder")
         load = dict(resize=resize, cache_dir=cache_dir, progress=progress)
         carve_it = valid_pct is not None or not Path(path, valid).is_dir()
         if not carve_it:
@@ -179,15 +245,26 @@ class ImageDataLoaders:
                         f"class folder(s) {extra} in {valid_dir} have no folder in {train_dir}: "
                         "the model could never learn them"
                     )
-        data = load_image_folder(path, train, size, **load)
+        splits = [train] if carve_it else [train, valid]
+        files = sum(len(scan_split(path, split)[2]) for split in splits)  # listed, not read
+        streamed = choose_stream(Path(path), files, size, stream=stream, budget=budget)
+        if streamed:
+            data = ImageFolderSource(path, train)
+            read_valid = partial(ImageFolderSource, path, valid)
+            stream_options["size"] = size
+        else:
+            data = load_image_folder(path, train, size, **load)
+            read_valid = partial(load_image_folder, path, valid, size, **load)
+            if stream_options:
+                logger.info("decoded into memory: streaming options %s unused", stream_options)
+                stream_options = {}
         if carve_it:
             train_ds, valid_ds = _carved(data, valid_pct, seed)
         else:
-            train_ds = data
-            valid_ds = load_image_folder(path, valid, size, class_names=data.class_names, **load)
+            train_ds, valid_ds = data, read_valid(class_names=data.class_names)
         return cls(
             train_ds, valid_ds, batch_size=batch_size, augment=augment, seed=seed,
-            resize=resize, mesh=mesh,
+            resize=resize, mesh=mesh, **stream_options,
         )  # fmt: skip
 
     @classmethod
@@ -248,11 +325,14 @@ class ImageDataLoaders:
         n = self.batch_size if n is None else n
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        idx = self.train.order(0)[:n]
-        images = self.train_ds.images[idx]
+        if self.streamed:
+            images, labels = _first_rows(self.train, n)
+        else:
+            idx = self.train.order(0)[:n]
+            images, labels = self.train_ds.images[idx], self.train_ds.labels[idx]
         if self.augment is not None:
             images = np.asarray(self.augment(jax.random.key(self.seed), images))
-        return images, self.train_ds.labels[idx]
+        return images, labels
 
     def show_batch(self, n: int = 9, path: str | os.PathLike | None = None):
         """A grid of `n` training images (`one_batch`), each titled with its class.
@@ -275,15 +355,32 @@ class ImageDataLoaders:
         )
 
 
+def _first_rows(loader: StreamLoader, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch 0's first `n` training rows of a streamed loader, as the train step gets them."""
+    images, labels = [], []
+    batches = loader.epoch(0)
+    for batch in batches:
+        images.append(np.asarray(batch["image"]))
+        labels.append(np.asarray(batch["label"]))
+        if sum(map(len, labels)) >= n:
+            break
+    batches.close()
+    loader.close()  # the pipeline stands mid-epoch: training starts its own
+    return np.concatenate(images)[:n], np.concatenate(labels)[:n]
+
+
 def _check_valid_pct(valid_pct: float | None) -> None:
     if valid_pct is not None and not 0.0 < valid_pct < 1.0:
         raise ValueError(f"valid_pct must lie in (0, 1), got {valid_pct}")
 
 
-def _carved(data: ImageArrays, valid_pct: float | None, seed: int) -> tuple:
-    """(train, valid): a stratified, seeded `valid_pct` of `data` carved off to validate on."""
+def _carved(data: ImageArrays | ImageFolderSource, valid_pct: float | None, seed: int) -> tuple:
+    """(train, valid): a stratified, seeded `valid_pct` of `data` carved off to validate on.
+
+    `carve`'s split, on decoded images or on the files of a streamed folder alike.
+    """
     valid_pct = DEFAULT_VALID_PCT if valid_pct is None else valid_pct
-    train, valid = carve(data, 1.0 - valid_pct, seed=seed)
-    if len(valid) == 0:
+    picked, rest = carve_indices(data.labels, 1.0 - valid_pct, seed=seed)
+    if len(rest) == 0:
         raise ValueError(f"valid_pct={valid_pct} of {len(data)} images leaves no validation image")
-    return train, valid
+    return data.take(picked), data.take(rest)

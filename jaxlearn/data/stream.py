@@ -35,6 +35,7 @@ Grain is optional (`pip install "jaxlearn[stream]"`) and imported on first use.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import math
@@ -107,6 +108,22 @@ class ImageFolderSource:
     def read(self, index: int, size: int, resize: str) -> tuple[np.ndarray | str, int]:
         """(the image at `index` as (size, size, 3) uint8, or why it cannot be read; its label)."""
         return decode_file(self.paths[index], size, resize), int(self.labels[index])
+
+    def take(self, indices) -> ImageFolderSource:
+        """The source of the files at `indices`, in that order (`ImageArrays.take`'s counterpart).
+
+        What a carved split (`carve_indices` on `labels`) streams; the folder's
+        report stays the whole folder's.
+        """
+        indices = np.asarray(indices, np.int64)
+        if indices.ndim != 1 or (
+            indices.size and not 0 <= indices.min() <= indices.max() < len(self)
+        ):
+            raise ValueError(f"indices must be 1-d in [0, {len(self)}), got {indices!r}")
+        part = copy.copy(self)
+        part.paths = [self.paths[i] for i in indices]
+        part.labels = self.labels[indices]
+        return part
 
 
 class TfdsSource:
@@ -285,7 +302,10 @@ class StreamLoader:
           seed: seed of the per-epoch shuffle and of the random crops.
           train: shuffle and drop the last partial batch (True) or keep order and pad (False).
           mesh: data mesh (default `data_mesh()`).
-          workers: Grain worker processes decoding batches (0: in this process).
+          workers: Grain worker processes decoding batches (0: in this process). They
+            are spawned, and each imports the main module: a script must start its work
+            under `if __name__ == "__main__":`, as with torch's DataLoader (without it,
+            each worker runs the script again and the pipeline stalls).
           threads: decoding threads in each process that decodes (0: inline, no thread).
           prefetch: batches put on the device ahead of the one training (>= 0).
 
@@ -401,6 +421,46 @@ class StreamLoader:
         return self.epoch(0)
 
 
+class SourceImages:
+    """Images of a source, read from disk when indexed: a data set that stays on disk.
+
+    What `Learner.get_preds` hands to `ClassificationInterpretation` for a streamed
+    validation set, so that `plot_top_losses` reads the few images it shows and
+    nothing else. Indexing takes what NumPy takes on the first axis (an int, a
+    slice, an index array) and returns uint8 arrays, decoded as the loader decodes.
+    """
+
+    def __init__(self, source, indices, size: int, resize: str = "crop"):
+        """The images `indices` of `source`, at `size` px, resized by `resize`."""
+        check_resize(size, resize)
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.size, self.resize = size, resize
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, size, size, channels), as the array of them would have."""
+        return (len(self.indices), self.size, self.size, self.source.channels)
+
+    dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """The image(s) at `key`; ValueError naming a file that can no longer be read."""
+        picked = self.indices[key]
+        images = [self._read(int(i)) for i in np.atleast_1d(picked)]
+        if np.ndim(picked) == 0:
+            return images[0]
+        return np.stack(images) if images else np.zeros((0, *self.shape[1:]), np.uint8)
+
+    def _read(self, index: int) -> np.ndarray:
+        image, _ = self.source.read(index, self.size, self.resize)
+        if isinstance(image, str):
+            raise ValueError(f"example {index} of {self.source.folder} cannot be read: {image}")
+        return image
+
+
 def _parse_absl_flags() -> None:
     """Let Grain's worker processes read their absl flags outside an absl app.
 
@@ -413,6 +473,37 @@ def _parse_absl_flags() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def check_stream_options(options: dict, caller: str) -> None:
+    """TypeError naming the keywords among `options` that `StreamLoader` does not take."""
+    unknown = set(options) - _STREAM_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"{caller} got unexpected keywords {sorted(unknown)} (streaming options: "
+            f"{sorted(_STREAM_OPTIONS)})"
+        )
+
+
+def choose_stream(
+    folder: str | os.PathLike, files: int, size: int, *, stream: bool | None, budget: int | None
+) -> bool:
+    """Whether `files` images at `size` px stream from disk; one log line says which and why.
+
+    The decoded size is `files * size * size * 3` bytes (ImageNet at 224 px: 190 GB).
+    `stream` True or False forces a path; None streams above `budget` bytes (default
+    `memory_budget()`). The line goes to logger `jaxlearn.data.stream`, level INFO.
+    """
+    need = files * size * size * 3
+    budget = memory_budget() if budget is None else budget
+    if stream is None:
+        stream = need > budget
+    logger.info(
+        "%s: %d files at %d px take %.2f GiB decoded, budget %.2f GiB: %s",
+        folder, files, size, need / 1024**3, budget / 1024**3,
+        "streamed from disk (StreamLoader)" if stream else "decoded into memory (ArrayLoader)",
+    )  # fmt: skip
+    return bool(stream)
 
 
 def memory_budget() -> int:
@@ -463,21 +554,10 @@ def folder_loader(
       An `ArrayLoader` or a `StreamLoader`, with the same batches for the same
       seed when no file is broken.
     """
-    unknown = set(stream_options) - _STREAM_OPTIONS
-    if unknown:
-        raise TypeError(f"folder_loader got unexpected keywords {sorted(unknown)}")
+    check_stream_options(stream_options, "folder_loader")
     folder, names, paths, _, _ = scan_split(root, split, class_names)
     check_resize(size, resize)
-    need = len(paths) * size * size * 3
-    budget = memory_budget() if budget is None else budget
-    if stream is None:
-        stream = need > budget
-    logger.info(
-        "%s: %d files at %d px take %.2f GiB decoded, budget %.2f GiB: %s",
-        folder, len(paths), size, need / 1024**3, budget / 1024**3,
-        "streamed from disk (StreamLoader)" if stream else "decoded into memory (ArrayLoader)",
-    )  # fmt: skip
-    if stream:
+    if choose_stream(folder, len(paths), size, stream=stream, budget=budget):
         source = ImageFolderSource(root, split, class_names=names)
         return StreamLoader(
             source, batch_size, size, resize=resize, seed=seed, train=train, mesh=mesh,
