@@ -533,10 +533,9 @@ def folder_loader(
 ) -> ArrayLoader | StreamLoader:
     """A loader of ROOT/SPLIT/CLASS/*: in memory while it fits the budget, else streamed.
 
-    The decoded size is `files * size * size * 3` bytes (ImageNet at 224 px: 190 GB).
     Up to `budget` the folder is decoded by `load_image_folder` (cached) and served
-    by an `ArrayLoader`; beyond it, a `StreamLoader` reads it from disk. One log line
-    (logger `jaxlearn.data.stream`, level INFO) says which and why.
+    by an `ArrayLoader`; beyond it, a `StreamLoader` reads it from disk
+    (`choose_stream`, whose log line says which and why).
 
     Args:
       root, split, size, resize, class_names: as `load_image_folder`.
