@@ -49,6 +49,23 @@ else:
     _JIT_CACHE = None
 
 
+# The longest tests (5-22 s each: the experiments' smoke runs and the tests that start
+# processes) run first, so that on xdist's two workers the many short ones fill in around
+# them instead of one long test ending the run on a single worker.
+_LONG_FIRST = (
+    "test_experiments_",
+    "test_sigkill",
+    "two_processes",
+    "fresh_process",
+    "eight_devices",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Put the long tests first (a stable sort: the order within each group is kept)."""
+    items.sort(key=lambda item: not any(part in item.nodeid for part in _LONG_FIRST))
+
+
 def pytest_sessionfinish(session):
     """Remove the run's compilation cache (in the process that made it, not a worker)."""
     if _JIT_CACHE is not None and not hasattr(session.config, "workerinput"):
