@@ -53,7 +53,8 @@ class ClassificationInterpretation:
 
         Args:
           learn: the learner.
-          dl_or_images: None (the validation set), an `ImageArrays` or an `ArrayLoader`.
+          dl_or_images: None (the validation set), an `ImageArrays`, an `ArrayLoader`
+            or an evaluation `StreamLoader` (its images then stay on disk).
           with_tta: predict with test-time augmentation (`Learner.tta`).
         """
         probs, labels, images = learn._predictions(

@@ -116,13 +116,9 @@ class ImageFolderSource:
         report stays the whole folder's.
         """
         indices = np.asarray(indices, np.int64)
-        if indices.ndim != 1 or (
-            indices.size and not 0 <= indices.min() <= indices.max() < len(self)
-        ):
-            raise ValueError(f"indices must be 1-d in [0, {len(self)}), got {indices!r}")
         part = copy.copy(self)
+        part.labels = self.labels[indices]  # NumPy's IndexError for an index out of range
         part.paths = [self.paths[i] for i in indices]
-        part.labels = self.labels[indices]
         return part
 
 
@@ -440,8 +436,6 @@ class SourceImages:
     def shape(self) -> tuple[int, int, int, int]:
         """(N, size, size, channels), as the array of them would have."""
         return (len(self.indices), self.size, self.size, self.source.channels)
-
-    dtype = np.dtype(np.uint8)
 
     def __len__(self) -> int:
         return len(self.indices)
