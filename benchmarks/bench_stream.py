@@ -2,9 +2,9 @@
 
 On a generated image folder of small JPEGs of many sizes (written under /tmp, never
 in the repository; kept between runs), measures:
-  1. peak RSS (this process and its Grain workers) while streaming one epoch, sampled
-     every 50 ms and reported at each tenth of the epoch: it must stay flat, bounded by
-     the prefetch buffers, not grow with the data set;
+  1. peak RSS (this process and the loader's workers) in every epoch of either loader,
+     sampled every 50 ms and reported at each tenth of the epoch: it must stay flat,
+     bounded by the prefetch buffers, not grow with the data set;
   2. decoded images/s side by side, in alternating epochs after a first one (which
      starts the workers, timed apart): `StreamLoader` (`workers`
      processes, batches on the device) against `torch.utils.data.DataLoader` with as
@@ -26,6 +26,7 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -65,13 +66,34 @@ def make_folder(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def _tree_rss(only: set[int] | None = None) -> int:
-    """Resident bytes of this process and its children (`only` those pids: Grain's workers,
-    not torch's); shared memory pages count in each process that maps them."""
+def _children() -> set[int]:
+    """Pids of this process's children (the loaders' workers)."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _cpu_seconds(skip: set[int]) -> dict:
+    """CPU seconds (user + system) so far of this process and of its children but `skip`."""
+    me = psutil.Process()
+    times = me.cpu_times()
+    workers = 0.0
+    for child in me.children(recursive=True):
+        if child.pid in skip:
+            continue
+        try:
+            child_times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        workers += child_times.user + child_times.system
+    return {"main": times.user + times.system, "workers": workers}
+
+
+def _tree_rss(skip: set[int]) -> int:
+    """Resident bytes of this process and its children but those in `skip` (the other
+    loader's workers); shared memory pages count in each process that maps them."""
     me = psutil.Process()
     total = me.memory_info().rss
     for child in me.children(recursive=True):
-        if only is not None and child.pid not in only:
+        if child.pid in skip:
             continue
         try:
             total += child.memory_info().rss
@@ -80,33 +102,42 @@ def _tree_rss(only: set[int] | None = None) -> int:
     return total
 
 
-def stream_epoch(loader: StreamLoader, epoch: int, only: set[int] | None) -> dict:
-    """Images/s from batch `SKIP` to the epoch's end (blocking on each), and the RSS through it."""
-    samples: list[tuple[float, int]] = []
+def timed_epoch(batches: Iterator, labels: Callable, skip: set[int]) -> dict:
+    """Images/s from batch `SKIP` to the epoch's end, the CPU seconds this process and the
+    loader's workers (its children but `skip`) spent on the whole epoch, and their RSS
+    through it (sampled every 50 ms by a thread of this process for either loader, so
+    that both pay for the sampling alike)."""
+    samples: list[int] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append((time.perf_counter(), _tree_rss(only)))
+            samples.append(_tree_rss(skip))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    cpu = _cpu_seconds(skip)
     start = time.perf_counter()
     sampler.start()
     images, timed = 0, start
-    for i, batch in enumerate(loader.epoch(epoch)):
-        jax.block_until_ready(batch)
+    for i, batch in enumerate(batches):
         if i == SKIP:
             images, timed = 0, time.perf_counter()
-        images += batch["label"].shape[0]
+        images += len(labels(batch))
     seconds = time.perf_counter() - timed
     stop.set()
     result = {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+    result["cpu_s"] = {k: v - cpu[k] for k, v in _cpu_seconds(skip).items()}
     sampler.join()
-    rss = np.array([r for _, r in samples]) / 2**20
+    rss = np.array(samples) / 2**20
     tenths = [float(rss[min(len(rss) - 1, int(f * len(rss)))]) for f in np.arange(0, 1.01, 0.1)]
     result["rss_mib"] = {"peak": float(rss.max()), "at_each_tenth": tenths}
     return result
+
+
+def stream_epoch(loader: StreamLoader, epoch: int, skip: set[int]) -> dict:
+    """`timed_epoch` of the stream: each batch on the device (blocking on it)."""
+    return timed_epoch(map(jax.block_until_ready, loader.epoch(epoch)), lambda b: b["label"], skip)
 
 
 class _Files:
@@ -141,15 +172,9 @@ def torch_loader(paths: list[str], labels: np.ndarray, size: int, batch: int, wo
     )  # fmt: skip
 
 
-def torch_epoch(loader) -> dict:
-    """Images/s of a torch DataLoader from batch `SKIP` to the epoch's end."""
-    images, timed = 0, time.perf_counter()
-    for i, (_, labels) in enumerate(loader):
-        if i == SKIP:
-            images, timed = 0, time.perf_counter()
-        images += len(labels)
-    seconds = time.perf_counter() - timed
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+def torch_epoch(loader, skip: set[int]) -> dict:
+    """`timed_epoch` of a torch DataLoader."""
+    return timed_epoch(iter(loader), lambda b: b[1], skip)
 
 
 def train_step_rate(batch: int, size: int, repeats: int) -> dict:
@@ -196,17 +221,18 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     source = ImageFolderSource(root, "train")
     loader = StreamLoader(source, args.batch_size, args.size, workers=args.workers)
-    rss_before = _tree_rss() / 2**20
+    rss_before = _tree_rss(set()) / 2**20
     torch_data = torch_loader(source.paths, source.labels, args.size, args.batch_size, args.workers)
     # Epoch 0 of each starts the workers (Grain's import JAX: ~2-5 s here) and is not timed
     # against the other; it is the epoch whose RSS is sampled.
-    warmup = {"stream": stream_epoch(loader, 0, None)}  # before torch has any worker
-    grain_workers = {child.pid for child in psutil.Process().children(recursive=True)}
-    warmup["torch"] = torch_epoch(torch_data)
+    warmup = {"stream": stream_epoch(loader, 0, set())}  # before torch has any worker
+    grain_workers = _children()
+    warmup["torch"] = torch_epoch(torch_data, grain_workers)
+    torch_workers = _children() - grain_workers
     stream, torch_runs = [], []
     for r in range(1, rounds + 1):  # alternate, so that both see the same load
-        stream.append(stream_epoch(loader, r, grain_workers))
-        torch_runs.append(torch_epoch(torch_data))
+        stream.append(stream_epoch(loader, r, torch_workers))
+        torch_runs.append(torch_epoch(torch_data, grain_workers))
     loader.close()
     del torch_data
     stream_rate = statistics.median(s["images_per_s"] for s in stream)
