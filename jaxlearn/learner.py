@@ -133,6 +133,7 @@ class Learner:
         seed: int = 0,
         split_at: Sequence[str] | None = None,
         bn: str = "train",
+        batch_augment: Callable[[jax.Array, dict], dict] | None = None,
         compute_dtype: Any = None,
         path: str | os.PathLike = ".",
         callbacks: Sequence[loop.Callback] = (),
@@ -161,6 +162,9 @@ class Learner:
           split_at: layer-group boundaries (`transfer.layer_groups`); default
             `transfer.default_split(model)`.
           bn: BatchNorm of frozen groups: 'train', 'stats' or 'eval' (`transfer`).
+          batch_augment: `(key, batch) -> batch` on the device after `preprocess`, e.g.
+            `MixUp(0.4, dls.c)` or `CutMix(1.0, dls.c)` (fastai's MixUp callback): the
+            loss takes its soft targets, accuracy the labels (`make_train_step`).
           compute_dtype: e.g. `jnp.bfloat16` for mixed-precision training.
           path: `save` and `load` use PATH/models/NAME.
           callbacks: `loop.Callback`s given to every fit.
@@ -168,8 +172,9 @@ class Learner:
           classes, image_shape, resize: what inference needs, taken from `dls` when given.
 
         Raises:
-          ValueError: an unknown metric or loss, a model that is not a Flax module,
-            or inference-only use without variables, classes or image_shape.
+          ValueError: an unknown metric or loss, a model that is not a Flax module, a
+            `batch_augment` for another number of classes, or inference-only use
+            without variables, classes or image_shape.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
@@ -188,6 +193,11 @@ class Learner:
                 "a Learner without data (dls=None) needs variables, classes and image_shape"
             )
         self.classes, self.image_shape = tuple(classes), tuple(image_shape)
+        if getattr(batch_augment, "num_classes", len(self.classes)) != len(self.classes):
+            raise ValueError(
+                f"batch_augment makes targets of {batch_augment.num_classes} classes, the data "
+                f"has {len(self.classes)}: e.g. MixUp(alpha, dls.c)"
+            )
         self.resize = resize
         self.history: dict[str, np.ndarray] = {}
         self.snapshots: list = []
@@ -195,7 +205,8 @@ class Learner:
         self._frozen = 0
         self.train_step = make_train_step(
             label_smoothing=LOSSES[loss], preprocess=preprocess,
-            augment=dls.augment if dls is not None else None, compute_dtype=compute_dtype,
+            augment=dls.augment if dls is not None else None, batch_augment=batch_augment,
+            compute_dtype=compute_dtype,
         )  # fmt: skip
         self.eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype)
         key = jax.random.key(seed)

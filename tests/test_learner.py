@@ -58,7 +58,8 @@ def _learner(dls, tmp_path=None, **kwargs):
 
 
 def test_a_learner_run_is_the_functional_core_bit_for_bit(dls, folder):
-    learn = _learner(dls, seed=3)
+    mix = data.MixUp(0.4, 2)  # batch-level augmentation on top of the loaders' flips
+    learn = _learner(dls, seed=3, batch_augment=mix)
     learn.fit_sgdr(2, cycle_len=1, cycle_mult=2, lr_max=1e-2)
 
     # The same run by hand: load, carve, loader, schedule, optimizer, state, step, fit.
@@ -69,8 +70,9 @@ def test_a_learner_run_is_the_functional_core_bit_for_bit(dls, folder):
     tx = optax.inject_hyperparams(fastai_adam)(learning_rate=lr)
     state = jl.TrainState.create(get_model("mlp", 2), tx, jax.random.key(3), train.images[:1])
     capture = jl.CaptureParams(ensemble.snapshot_steps(lr))
-    state, history = jl.fit(state, loader, train_step=jl.make_train_step(augment=FLIP), epochs=3,
-                            callbacks=[capture], progress=False)  # fmt: skip
+    step = jl.make_train_step(augment=FLIP, batch_augment=mix)
+    state, history = jl.fit(state, loader, train_step=step, epochs=3, callbacks=[capture],
+                            progress=False)  # fmt: skip
 
     assert _same(learn.state.params, state.params)
     assert len(learn.snapshots) == 2 and _same(learn.snapshots, capture.snapshots)
@@ -321,5 +323,7 @@ def test_bad_input_is_named(folder, dls, tmp_path, monkeypatch):
         learn.fit(1, slice(1e-3))
     with pytest.raises(ValueError, match="metrics must be"):
         _learner(dls, metrics=("f1",))
+    with pytest.raises(ValueError, match=r"targets of 3 classes, the data has 2"):
+        _learner(dls, batch_augment=data.CutMix(1.0, 3))
     with pytest.raises(ValueError, match="ensemble=True needs snapshots"):
         learn.get_preds(ensemble=True)
