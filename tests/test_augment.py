@@ -1,9 +1,13 @@
 """On-device augmentations: shapes and dtypes, determinism per key, bounds, inverses, jit/vmap."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jaxlearn.data import augment as aug
 
@@ -28,6 +32,8 @@ AUGMENTS = {
     "resized_crop_float": (aug.random_resized_crop(H), _float_batch),
     "jitter": (aug.color_jitter(0.4, 0.4, 0.4), _float_batch),
     "cutout": (aug.cutout(3), _uint8_batch),
+    "rotate": (aug.random_rotate(30.0), _uint8_batch),
+    "rotate_float": (aug.random_rotate(30.0, p=1.0, mode="constant"), _float_batch),
     "composed": (aug.compose(aug.random_crop(2), aug.random_flip(), aug.cutout(2)), _uint8_batch),
 }
 
@@ -125,6 +131,35 @@ def test_resize_is_the_whole_image_resized_crop_without_randomness():
     np.testing.assert_array_equal(stacked[1], out)
 
 
+def test_rotate_quarter_turn_is_rot90_counter_clockwise_and_no_turn_is_exact():
+    images = _float_batch()
+    turned = jax.jit(aug.rotate)(images, jnp.full((N,), math.pi / 2))
+    np.testing.assert_allclose(turned, jnp.rot90(images, k=1, axes=(1, 2)), atol=1e-5)
+    np.testing.assert_array_equal(aug.rotate(images, jnp.zeros(N)), images)
+    u8 = _uint8_batch()
+    for unturned in (aug.random_rotate(30.0, p=0.0), aug.random_rotate(0.0, p=1.0)):
+        np.testing.assert_array_equal(unturned(KEY, u8), u8)
+    out = np.asarray(aug.random_rotate(30.0, p=0.5)(jax.random.key(2), u8))
+    changed = [not np.array_equal(o, i) for o, i in zip(out, np.asarray(u8), strict=True)]
+    assert any(changed) and not all(changed)  # some turned, some left as they were
+    # 'constant' reads zeros beyond the edges: a 45-degree turn brings them into the corners.
+    corners = aug.rotate(images + 1.0, jnp.full((N,), math.pi / 4), mode="constant")
+    assert float(jnp.max(corners[:, 0, 0])) < 1.0 and float(jnp.min(corners[:, 3:5, 3:5])) >= 1.0
+
+
+ROTATE_ODD = jax.jit(aug.rotate)  # one program: the examples below differ in values only
+
+
+@given(st.floats(-math.pi, math.pi), st.integers(0, 2**31 - 1))
+def test_rotation_fixes_the_centre_and_stays_within_the_pixel_range(angle, seed):
+    images = jax.random.uniform(jax.random.key(seed), (2, 7, 7, C))
+    out = ROTATE_ODD(images, jnp.asarray([angle, -angle], jnp.float32))
+    np.testing.assert_allclose(out[:, 3, 3], images[:, 3, 3], atol=1e-6)  # the pivot
+    # Bilinear reads blend the image's own pixels (mirrored beyond the edge): no new values.
+    assert float(out.min()) >= float(images.min()) - 1e-6
+    assert float(out.max()) <= float(images.max()) + 1e-6
+
+
 def test_color_jitter_keeps_range_zero_strength_is_identity_and_uint8_becomes_float():
     images = _float_batch()
     np.testing.assert_allclose(aug.color_jitter()(KEY, images), images, atol=1e-6)
@@ -186,6 +221,9 @@ def test_tta_views_are_stacked_flips_and_shifts():
         (lambda: aug.random_resized_crop(8, ratio=(0.0, 1.0)), "ratio"),
         (lambda: aug.color_jitter(contrast=1.5), "contrast"),
         (lambda: aug.cutout(0), "size"),
+        (lambda: aug.random_rotate(200.0), "max_degrees"),
+        (lambda: aug.random_rotate(10.0, p=-0.1), "p"),
+        (lambda: aug.random_rotate(10.0, mode="wrap"), "mode"),
         (lambda: aug.resize(0), "size"),
         (lambda: aug.compose(), "at least one"),
     ],

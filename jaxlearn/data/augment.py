@@ -250,6 +250,70 @@ def color_jitter(
 
 
 @by_arguments
+def random_rotate(max_degrees: float = 10.0, p: float = 0.75, mode: str = "reflect") -> Augment:
+    """Turn each image about its centre, with probability `p`, by a uniform angle.
+
+    fastai's `aug_transforms` default (`max_rotate=10`, `p_affine=0.75`, reflection
+    padding); positive angles turn counter-clockwise, as torchvision's `rotate`.
+    Each output pixel is read from the input at the rotated position by bilinear
+    interpolation (`jax.scipy.ndimage.map_coordinates`); positions outside the image
+    read its mirror image ('reflect', without repeating the edge, as `random_crop`)
+    or zeros ('constant'). An image not turned comes back exactly; uint8 input is
+    rounded back to uint8.
+
+    Args:
+      max_degrees: angles are uniform in [-max_degrees, max_degrees], within [0, 180].
+      p: probability that an image is turned, in [0, 1].
+      mode: 'reflect' or 'constant'.
+    """
+    if not 0.0 <= max_degrees <= 180.0:
+        raise ValueError(f"max_degrees must lie in [0, 180], got {max_degrees}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}")
+    if mode not in _PAD_MODES:
+        raise ValueError(f"mode must be one of {_PAD_MODES}, got {mode!r}")
+
+    def apply(key: jax.Array, images: jax.Array) -> jax.Array:
+        _check_batch(images)
+        k_angle, k_turn = jax.random.split(key)
+        n = images.shape[0]
+        limit = math.radians(max_degrees)
+        angles = jax.random.uniform(k_angle, (n,), minval=-limit, maxval=limit)
+        angles = jnp.where(jax.random.bernoulli(k_turn, p, (n,)), angles, 0.0)
+        return _like(rotate(images.astype(jnp.float32), angles, mode), images.dtype)
+
+    return apply
+
+
+def rotate(images: jax.Array, angles: jax.Array, mode: str = "reflect") -> jax.Array:
+    """Turn each float image of the (N, H, W, C) batch counter-clockwise by its angle (radians).
+
+    The pure resampling under `random_rotate` (which see for `mode`).
+    """
+    _, height, width, _ = images.shape
+    rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
+    # Offsets from the centre, row axis pointing down: an output pixel at (y, x) reads the
+    # input at the offset turned by -angle (on screen, the picture turns by +angle).
+    y = rows - (height - 1) / 2
+    x = cols - (width - 1) / 2
+    ndimage_mode = {"reflect": "mirror", "constant": "constant"}[mode]
+
+    def one(image: jax.Array, angle: jax.Array) -> jax.Array:
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        src_rows = cos * y + sin * x + (height - 1) / 2
+        src_cols = -sin * y + cos * x + (width - 1) / 2
+
+        def plane(channel: jax.Array) -> jax.Array:
+            return jax.scipy.ndimage.map_coordinates(
+                channel, (src_rows, src_cols), order=1, mode=ndimage_mode
+            )
+
+        return jax.vmap(plane, in_axes=2, out_axes=2)(image)
+
+    return jax.vmap(one)(images, angles)
+
+
+@by_arguments
 def cutout(size: int, fill: float = 0.0) -> Augment:
     """Set a `size` x `size` square at a random centre of each image to `fill`.
 
