@@ -162,7 +162,7 @@ def test_folder_loader_streams_above_the_budget_and_says_so(folder, monkeypatch,
     assert isinstance(large, StreamLoader)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and "into memory (ArrayLoader)" in lines[0]
-    assert "18 files at 8 px" in lines[1] and "streamed from disk (StreamLoader)" in lines[1]
+    assert "18 images at 8 px" in lines[1] and "streamed from disk (StreamLoader)" in lines[1]
     _assert_batches_equal(_host(large.epoch(1)), _host(small.epoch(1)))
     with pytest.raises(TypeError, match="worker"):  # a typo is not ignored on either path
         folder_loader(folder, "train", SIZE, BATCH, worker=2)
@@ -180,7 +180,7 @@ def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder,
                                              cache_dir=tmp_path, progress=False)  # fmt: skip
     streamed = jl.ImageDataLoaders.from_folder(folder, **common, budget=3455, threads=0)
     assert not memory.streamed and streamed.streamed
-    lines = [r.getMessage() for r in caplog.records if "files at" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "images at" in r.getMessage()]
     assert "into memory" in lines[0] and "streamed from disk" in lines[1]
     assert isinstance(streamed.train_ds, ImageFolderSource) and streamed.image_shape == (8, 8, 3)
     # the same carved split, file for file
@@ -220,18 +220,63 @@ def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder,
         jl.ImageDataLoaders(streamed.train_ds, streamed.valid_ds)
 
 
-def test_tfds_source_streams_what_load_tfds_loads(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> Path:
+    """A prepared tfds data set (real array_record files, written without TensorFlow)."""
+    from tfds_colors import prepare
+
+    return prepare(tmp_path_factory.mktemp("tfds"))
+
+
+def test_tfds_source_streams_what_load_tfds_loads_from_prepared_files(tfds_dir):
+    from tfds_colors import NAME
+
     from jaxlearn.data import load_tfds
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-    with tfds.testing.mock_data(num_examples=6):  # random examples, no files, no network
-        data = load_tfds("mnist", "train", progress=False)
-        source = TfdsSource("mnist", "train")
-        assert source.class_names == data.class_names and source.channels == 1
-        stream = _host(StreamLoader(source, 4, 28, train=False, threads=0))
-    want = _host(ArrayLoader(data.images, data.labels, 4, train=False))
-    _assert_batches_equal(stream, want)
+    data = load_tfds(NAME, "train", data_dir=tfds_dir, size=SIZE, progress=False)
+    source = TfdsSource(NAME, "train", data_dir=tfds_dir, progress=False)
+    assert source.class_names == data.class_names == ("cats", "dogs") and source.channels == 3
+    np.testing.assert_array_equal(source.labels, data.labels)  # read without the images
+    stream = _host(StreamLoader(source, BATCH, SIZE, train=False, threads=0))
+    _assert_batches_equal(stream, _host(ArrayLoader(data.images, data.labels, BATCH, train=False)))
+    part = source.take([5, 0, 3])  # a carved split's view, in that order
+    assert len(part) == 3 and part.labels.tolist() == data.labels[[5, 0, 3]].tolist()
+    image, label = part.read(0, SIZE, "crop")
+    np.testing.assert_array_equal(image, data.images[5])
+    assert label == data.labels[5] and len(source) == 24  # the whole split, untouched
+    with pytest.raises(IndexError):
+        source.take([24])
+
+
+def test_from_tfds_streams_above_the_budget_with_the_same_split_and_batches(tfds_dir, caplog):
+    from tfds_colors import NAME
+
+    import jaxlearn as jl
+
+    caplog.set_level(logging.INFO, logger="jaxlearn.data.stream")
+    common = dict(size=SIZE, batch_size=BATCH, data_dir=tfds_dir, progress=False, seed=2)
+    # 24 images x 8 x 8 x 3 = 4,608 bytes decoded
+    memory = jl.ImageDataLoaders.from_tfds(NAME, valid_pct=0.25, budget=4608, **common)
+    streamed = jl.ImageDataLoaders.from_tfds(NAME, valid_pct=0.25, budget=4607, threads=0,
+                                             **common)  # fmt: skip
+    assert not memory.streamed and streamed.streamed
+    assert isinstance(streamed.train_ds, TfdsSource) and streamed.image_shape == (8, 8, 3)
+    lines = [r.getMessage() for r in caplog.records if "images at" in r.getMessage()]
+    assert "24 images at 8 px" in lines[1] and "streamed from disk" in lines[1]
+    # the same carved split, example for example, and the same batches
+    np.testing.assert_array_equal(streamed.train_ds.labels, memory.train_ds.labels)
+    assert len(streamed.valid_ds) == len(memory.valid_ds) == 6
+    for got, want in ((streamed.train.epoch(1), memory.train.epoch(1)), (streamed.valid,
+                                                                        memory.valid)):  # fmt: skip
+        _assert_batches_equal(_host(got), _host(want))
+    # A validation split of its own: 24 + 8 images, streamed as asked.
+    both = jl.ImageDataLoaders.from_tfds(NAME, valid="test", stream=True, threads=0, **common)
+    assert both.streamed and len(both.train_ds) == 24 and len(both.valid_ds) == 8
+    assert "32 images at 8 px" in caplog.records[-1].getMessage()
+    with pytest.raises(ValueError, match="pass size="):  # no declared square side
+        jl.ImageDataLoaders.from_tfds(NAME, stream=True, data_dir=tfds_dir, progress=False)
+    with pytest.raises(TypeError, match="worker"):
+        jl.ImageDataLoaders.from_tfds(NAME, worker=2, **common)
 
 
 class _Recorded(ImageFolderSource):

@@ -6,9 +6,10 @@ set carved off when the folder has none (`carve`: stratified and seeded), the cl
 names taken from the training split, and the two `ArrayLoader`s the pure training loop
 takes (`dls.train` shuffles per (seed, epoch), `dls.valid` keeps order and pads). The
 augmentation travels with the data, as fastai's `batch_tfms` do, and the train step
-applies it on the device. A folder too large to decode into memory is streamed from disk
-instead (`StreamLoader`, chosen by a memory budget as `folder_loader` chooses), with the
-same split and the same batches. Everything here can be done by hand with those functions.
+applies it on the device. A folder or tfds data set too large to decode into memory is
+streamed from disk instead (`StreamLoader`, chosen by a memory budget as `folder_loader`
+chooses), with the same split and the same batches. Everything here can be done by hand
+with those functions.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from jaxlearn.data.folders import _class_folders, load_image_folder, scan_split
 from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.data.split import carve_indices
 from jaxlearn.data.stream import (
+    STREAMED_SOURCES,
     ImageFolderSource,
     StreamLoader,
+    TfdsSource,
     check_stream_options,
     choose_stream,
 )
-from jaxlearn.data.tfds import load_tfds
+from jaxlearn.data.tfds import load_tfds, prepared_builder
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +48,13 @@ class ImageDataLoaders:
     """The training and validation loaders of one image classification data set.
 
     The splits are decoded into memory (`ImageArrays`, served by `ArrayLoader`s) or,
-    when they would not fit (`from_folder` chooses by a memory budget), streamed from
-    disk (`ImageFolderSource`, served by `StreamLoader`s); both serve the same batches.
+    when they would not fit (`from_folder` and `from_tfds` choose by a memory budget),
+    streamed from disk (`ImageFolderSource` or `TfdsSource`, served by `StreamLoader`s);
+    both serve the same batches.
 
     Attributes:
-      train_ds, valid_ds: each split (fastai's names): `ImageArrays`, or the
-        `ImageFolderSource` of its files when streamed.
+      train_ds, valid_ds: each split (fastai's names): `ImageArrays`, or its
+        `ImageFolderSource` / `TfdsSource` when streamed.
       train: the loader of `train_ds`, shuffled per (seed, epoch), last partial
         batch dropped.
       valid: the evaluation loader of `valid_ds`, in order, last batch padded.
@@ -63,8 +67,8 @@ class ImageDataLoaders:
 
     def __init__(
         self,
-        train: ImageArrays | ImageFolderSource,
-        valid: ImageArrays | ImageFolderSource,
+        train: ImageArrays | ImageFolderSource | TfdsSource,
+        valid: ImageArrays | ImageFolderSource | TfdsSource,
         *,
         batch_size: int = 64,
         augment: Augment | None = None,
@@ -78,8 +82,8 @@ class ImageDataLoaders:
 
         Args:
           train: the training split: decoded images (`ImageArrays`, served by an
-            `ArrayLoader`), or files to stream (`ImageFolderSource`, served by a
-            `StreamLoader`).
+            `ArrayLoader`), or a source to stream (`ImageFolderSource`, `TfdsSource`,
+            served by a `StreamLoader`).
           valid: the validation split, of the same kind, with the same class names.
           batch_size: examples per step (a multiple of the device count).
           augment: on-device augmentation of training batches, e.g.
@@ -101,11 +105,12 @@ class ImageDataLoaders:
           TypeError: a keyword that is none of these.
         """
         check_stream_options(stream_options, "ImageDataLoaders")
-        streamed = isinstance(train, ImageFolderSource)
-        if streamed != isinstance(valid, ImageFolderSource):
+        streamed = isinstance(train, STREAMED_SOURCES)
+        if streamed != isinstance(valid, STREAMED_SOURCES):
             raise ValueError(
-                "train and valid must both be ImageArrays or both ImageFolderSource, got "
-                f"{type(train).__name__} and {type(valid).__name__}"
+                "train and valid must both be ImageArrays or both streamed sources "
+                f"(ImageFolderSource, TfdsSource), got {type(train).__name__} and "
+                f"{type(valid).__name__}"
             )
         if streamed and size is None:
             raise ValueError("streamed splits need size=, the side they are decoded to")
@@ -283,8 +288,16 @@ class ImageDataLoaders:
         data_dir: str | os.PathLike | None = None,
         progress: bool = True,
         mesh: Mesh | None = None,
+        stream: bool | None = None,
+        budget: int | None = None,
+        **stream_options,
     ) -> ImageDataLoaders:
         """Loaders of a tensorflow-datasets data set (`load_tfds`; tfds is imported on call).
+
+        The data set is prepared first if need be (with TensorFlow). Its images are
+        decoded into memory while they fit `budget`, and read from the prepared files
+        beyond it (`TfdsSource`, the choice said in one log line, as `from_folder`'s);
+        the batches and the carved split are the same either way.
 
         Args:
           name: tfds name, e.g. 'mnist', 'cifar10', 'imagenette/160px'.
@@ -295,22 +308,53 @@ class ImageDataLoaders:
           size: side of the square images; None keeps their size (they must agree).
           batch_size, augment, seed, resize, mesh: as in `from_folder`.
           data_dir: tfds data folder (default: tfds's).
-          progress: show progress bars while decoding.
+          progress: show progress bars while decoding (or reading the labels).
+          stream: True or False forces streaming or decoding; None chooses by `budget`.
+            Streaming decodes to one square side: `size`, or the images' own when the
+            data set declares them square (cifar10's 32, mnist's 28).
+          budget: bytes the decoded images may take (default `stream.memory_budget()`).
+          **stream_options: `StreamLoader`'s `workers`, `threads`, `prefetch`, `crop`.
 
         Raises:
           ImportError: the data set is not prepared and TensorFlow is missing.
-          ValueError: as `from_folder`, and `load_tfds`'s errors.
+          ValueError: as `from_folder`, `load_tfds`'s errors, and `stream=True`
+            without a square side to decode to.
+          TypeError: a keyword that is none of these.
         """
         _check_valid_pct(valid_pct)
-        load = dict(data_dir=data_dir, size=size, resize=resize, progress=progress)
-        data = load_tfds(name, train, **load)
-        if valid is None or valid_pct is not None:
-            train_ds, valid_ds = _carved(data, valid_pct, seed)
+        check_stream_options(stream_options, "from_tfds")
+        carve_it = valid is None or valid_pct is not None
+        builder = prepared_builder(name, data_dir)
+        features = builder.info.features
+        shape = tuple(features["image"].shape) if "image" in features else ()  # else load_tfds says
+        side = size or (shape[0] if len(shape) == 3 and shape[0] == shape[1] else None)
+        if side is None:
+            if stream:
+                raise ValueError(
+                    f"streaming {name} decodes its images to one square side: pass size="
+                )
+            streamed = False
         else:
-            train_ds, valid_ds = data, load_tfds(name, valid, **load)
+            splits = [train] if carve_it else [train, valid]
+            examples = sum(len(builder.as_data_source(split=split)) for split in splits)
+            streamed = choose_stream(
+                builder.data_dir, examples, side, stream=stream, budget=budget,
+                channels=shape[-1] if shape else 3,
+            )  # fmt: skip
+        if streamed:
+            read = partial(TfdsSource, name, data_dir=data_dir, progress=progress)
+            stream_options["size"] = side
+        else:
+            read = partial(load_tfds, name, data_dir=data_dir, size=size, resize=resize,
+                           progress=progress)  # fmt: skip
+            if stream_options:
+                logger.info("decoded into memory: streaming options %s unused", stream_options)
+                stream_options = {}
+        data = read(train)
+        train_ds, valid_ds = _carved(data, valid_pct, seed) if carve_it else (data, read(valid))
         return cls(
             train_ds, valid_ds, batch_size=batch_size, augment=augment, seed=seed,
-            resize=resize, mesh=mesh,
+            resize=resize, mesh=mesh, **stream_options,
         )  # fmt: skip
 
     def one_batch(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -374,10 +418,12 @@ def _check_valid_pct(valid_pct: float | None) -> None:
         raise ValueError(f"valid_pct must lie in (0, 1), got {valid_pct}")
 
 
-def _carved(data: ImageArrays | ImageFolderSource, valid_pct: float | None, seed: int) -> tuple:
+def _carved(
+    data: ImageArrays | ImageFolderSource | TfdsSource, valid_pct: float | None, seed: int
+) -> tuple:
     """(train, valid): a stratified, seeded `valid_pct` of `data` carved off to validate on.
 
-    `carve`'s split, on decoded images or on the files of a streamed folder alike.
+    `carve`'s split, on decoded images or on the examples of a streamed source alike.
     """
     valid_pct = DEFAULT_VALID_PCT if valid_pct is None else valid_pct
     picked, rest = carve_indices(data.labels, 1.0 - valid_pct, seed=seed)

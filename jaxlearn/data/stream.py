@@ -49,6 +49,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
+from tqdm.auto import tqdm
 
 from jaxlearn.data.folders import _warn_skipped, load_image_folder, scan_split
 from jaxlearn.data.images import check_resize, decode_file, resize_array
@@ -126,7 +127,8 @@ class TfdsSource:
     """A prepared tensorflow-datasets split read through `tfds.data_source` (no TensorFlow).
 
     The array_record files are read one example at a time, so the split never has
-    to fit in memory; preparing a data set is `load_tfds`'s job.
+    to fit in memory; preparing a data set is `load_tfds`'s (`prepared_builder`'s)
+    job. Picklable, so Grain's worker processes read it.
     """
 
     def __init__(
@@ -137,8 +139,11 @@ class TfdsSource:
         data_dir: str | os.PathLike | None = None,
         image_key: str = "image",
         label_key: str = "label",
+        progress: bool = True,
     ):
         """Open a prepared split ('train', 'train[:90%]', ...) of tfds data set `name`.
+
+        `progress` shows a bar while `labels` are read (once, on first use).
 
         Raises:
           FileNotFoundError: the data set is not prepared in `data_dir`.
@@ -160,20 +165,66 @@ class TfdsSource:
         self.source = builder.as_data_source(split=split)
         if len(self.source) == 0:
             raise ValueError(f"tfds split {split!r} of {name} in {builder.data_dir} is empty")
+        self.name, self.split, self.data_dir, self.progress = name, split, data_dir, progress
         self.folder = Path(builder.data_dir)
         self.class_names = tuple(features[label_key].names)
         self.channels = features[image_key].shape[-1]
         self.image_key, self.label_key = image_key, label_key
         self.report = {"total": len(self.source), "skipped": {}, "empty_classes": []}
+        self.rows = np.arange(len(self.source))  # the split's examples this source serves
+        self._labels: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.rows)
 
     def read(self, index: int, size: int, resize: str) -> tuple[np.ndarray, int]:
         """(example `index`'s image as (size, size, channels) uint8; its label)."""
-        example = self.source[index]
+        example = self.source[int(self.rows[index])]
         image = np.asarray(example[self.image_key], np.uint8)
         return resize_array(image, size, resize), int(example[self.label_key])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every example's label (int32), read once: the records are read, not their images.
+
+        A carved split (`carve_indices`) and the loaders' checks need them; tfds's
+        `SkipDecoding` leaves the image bytes undecoded, so this costs a pass over the
+        files, not a decode of every image.
+        """
+        if self._labels is None:
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder(self.name, data_dir=self.data_dir)
+            raw = builder.as_data_source(
+                split=self.split, decoders={self.image_key: tfds.decode.SkipDecoding()}
+            )
+            labels = np.empty(len(self.rows), np.int32)
+            chunk = 1024  # records per read
+            bar = tqdm(total=len(labels), desc=f"{self.name} {self.split} labels", unit="ex",
+                       disable=not self.progress)  # fmt: skip
+            for start in range(0, len(labels), chunk):
+                rows = self.rows[start : start + chunk].tolist()
+                records = raw.__getitems__(rows)
+                labels[start : start + len(rows)] = [r[self.label_key] for r in records]
+                bar.update(len(rows))
+            bar.close()
+            self._labels = labels
+        return self._labels
+
+    def take(self, indices) -> TfdsSource:
+        """The source of the examples at `indices`, in that order (`ImageFolderSource.take`'s).
+
+        The labels are read first (once), as the carved split needs them anyway.
+        """
+        indices = np.asarray(indices, np.int64)
+        labels = self.labels[indices]  # NumPy's IndexError for an index out of range
+        part = copy.copy(self)
+        part.rows, part._labels = self.rows[indices], labels
+        return part
+
+
+#: The sources `StreamLoader` and the Learner's data constructors stream from.
+STREAMED_SOURCES = (ImageFolderSource, TfdsSource)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,21 +531,27 @@ def check_stream_options(options: dict, caller: str) -> None:
 
 
 def choose_stream(
-    folder: str | os.PathLike, files: int, size: int, *, stream: bool | None, budget: int | None
+    folder: str | os.PathLike,
+    images: int,
+    size: int,
+    *,
+    stream: bool | None,
+    budget: int | None,
+    channels: int = 3,
 ) -> bool:
-    """Whether `files` images at `size` px stream from disk; one log line says which and why.
+    """Whether `images` images at `size` px stream from disk; one log line says which and why.
 
-    The decoded size is `files * size * size * 3` bytes (ImageNet at 224 px: 190 GB).
-    `stream` True or False forces a path; None streams above `budget` bytes (default
-    `memory_budget()`). The line goes to logger `jaxlearn.data.stream`, level INFO.
+    The decoded size is `images * size * size * channels` bytes (ImageNet at 224 px:
+    190 GB). `stream` True or False forces a path; None streams above `budget` bytes
+    (default `memory_budget()`). The line goes to logger `jaxlearn.data.stream`, level INFO.
     """
-    need = files * size * size * 3
+    need = images * size * size * channels
     budget = memory_budget() if budget is None else budget
     if stream is None:
         stream = need > budget
     logger.info(
-        "%s: %d files at %d px take %.2f GiB decoded, budget %.2f GiB: %s",
-        folder, files, size, need / 1024**3, budget / 1024**3,
+        "%s: %d images at %d px take %.2f GiB decoded, budget %.2f GiB: %s",
+        folder, images, size, need / 1024**3, budget / 1024**3,
         "streamed from disk (StreamLoader)" if stream else "decoded into memory (ArrayLoader)",
     )  # fmt: skip
     return bool(stream)

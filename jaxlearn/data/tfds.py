@@ -52,6 +52,25 @@ def hide_gpus_from_tensorflow() -> None:
         )
 
 
+def prepared_builder(name: str, data_dir: str | os.PathLike | None = None):
+    """tfds's builder of data set `name`, prepared in `data_dir` (preparing it if need be).
+
+    Raises:
+      ImportError: the data set is not prepared and TensorFlow, which preparing
+        it needs, is not installed (the message says how to get it).
+    """
+    # Imported here: tensorflow_datasets takes ~2 s to import, and only tfds data needs it.
+    import tensorflow_datasets as tfds
+
+    hide_gpus_from_tensorflow()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ImportError(_NEEDS_TF.format(name=name, data_dir=builder.data_dir))
+        builder.download_and_prepare()
+    return builder
+
+
 def load_tfds(
     name: str,
     split: str,
@@ -90,15 +109,7 @@ def load_tfds(
     """
     if size is not None:
         check_resize(size, resize)
-    # Imported here: tensorflow_datasets takes ~2 s to import, and only this loader needs it.
-    import tensorflow_datasets as tfds
-
-    hide_gpus_from_tensorflow()
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        if importlib.util.find_spec("tensorflow") is None:
-            raise ImportError(_NEEDS_TF.format(name=name, data_dir=builder.data_dir))
-        builder.download_and_prepare()
+    builder = prepared_builder(name, data_dir)
     source = builder.as_data_source(split=split)
     features = builder.info.features
     for key in (image_key, label_key):
