@@ -64,6 +64,7 @@ _LONG_FIRST = (
     "two_processes",
     "fresh_process",
     "eight_devices",
+    "worker_processes",
 )
 
 

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,12 @@ class _ReadBatch:
         return None
 
 
+def _close_pipeline(pipeline: list) -> None:
+    """Close the Grain iterator held in `pipeline` (a one-element list) and drop it."""
+    while pipeline:
+        pipeline.pop().close()
+
+
 def _order(seed: int, epoch: int, num_examples: int, train: bool) -> np.ndarray:
     """`ArrayLoader.order`: the epoch's shuffle in training, the examples in order otherwise."""
     return epoch_order(seed, epoch, num_examples) if train else np.arange(num_examples)
@@ -379,7 +386,7 @@ class StreamLoader:
         self.resize, self.crop, self.seed, self.train = resize, crop, seed, train
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
         self.skipped: dict[int, str] = {}  # index -> reason, of every broken file met so far
-        self._batches = None  # the live Grain iterator
+        self._batches: list | None = None  # [the live Grain iterator]
         self._next = 0  # the global step it yields next
 
     @property
@@ -414,12 +421,16 @@ class StreamLoader:
             wanted = self._next  # every evaluation pass is the same: the pipeline runs on
         if self._batches is None or self._next != wanted:
             self.close()
-            self._batches, self._next = self._start(wanted), wanted
+            self._batches, self._next = [self._start(wanted)], wanted
+            # Closed and dropped at the latest when the interpreter exits, before the
+            # modules Grain's cleanup needs are torn down (left to the garbage collector
+            # then, every open pipeline printed "Exception ignored" tracebacks at exit).
+            self._closer = weakref.finalize(self, _close_pipeline, self._batches)
         ready: collections.deque = collections.deque()
         known = len(self.skipped)
         try:
             for _ in range(start_step, steps):
-                batch, skipped = next(self._batches)
+                batch, skipped = next(self._batches[0])
                 self._next += 1
                 self.skipped.update(skipped)
                 ready.append(shard_batch(batch, self.mesh))  # transfers start now
@@ -460,7 +471,7 @@ class StreamLoader:
     def close(self) -> None:
         """Stop the Grain pipeline and its worker processes (the next epoch starts another)."""
         if self._batches is not None:
-            self._batches.close()
+            self._closer()  # closes the iterator once; the exit hook is then spent
             self._batches = None
 
     def __iter__(self) -> Iterator[dict]:
