@@ -181,33 +181,30 @@ class Learner:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         self.metrics = _metric_functions(metrics)
-        self.dls, self.model, self.preprocess = dls, model, preprocess
+        self.model, self.preprocess = model, preprocess
         self.opt, self.loss, self.lr, self.seed = opt, loss, lr, seed
         self.split_at = tuple(default_split(model) if split_at is None else split_at)
-        self.bn, self.compute_dtype = bn, compute_dtype
+        self.bn, self.compute_dtype, self.batch_augment = bn, compute_dtype, batch_augment
         self.path, self.callbacks, self.progress = Path(path), tuple(callbacks), progress
-        if dls is not None:
-            classes, image_shape, resize = dls.classes, dls.image_shape, dls.resize
         if dls is None and (variables is None or classes is None or image_shape is None):
             raise ValueError(
                 "a Learner without data (dls=None) needs variables, classes and image_shape"
             )
-        self.classes, self.image_shape = tuple(classes), tuple(image_shape)
+        if dls is None:
+            self.classes, self.image_shape = tuple(classes), tuple(image_shape)
+        else:  # the data's, set with it
+            self.classes, self.image_shape = (), None
+        self.resize = resize
+        self.dls = dls  # the data's classes, image shape and resize; the train step
         if getattr(batch_augment, "num_classes", len(self.classes)) != len(self.classes):
             raise ValueError(
                 f"batch_augment makes targets of {batch_augment.num_classes} classes, the data "
                 f"has {len(self.classes)}: e.g. MixUp(alpha, dls.c)"
             )
-        self.resize = resize
         self.history: dict[str, np.ndarray] = {}
         self.snapshots: list = []
         self.lr_found: lr_finder.LRFindResult | None = None
         self._frozen = 0
-        self.train_step = make_train_step(
-            label_smoothing=LOSSES[loss], preprocess=preprocess,
-            augment=dls.augment if dls is not None else None, batch_augment=batch_augment,
-            compute_dtype=compute_dtype,
-        )  # fmt: skip
         self.eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype)
         key = jax.random.key(seed)
         if variables is None:
@@ -216,6 +213,41 @@ class Learner:
             fresh = TrainState.create(model, optax.identity(), key, sample)
             variables, key = fresh.variables, fresh.rng
         self.state = self._resting(variables, key, 0)
+
+    # ---------------------------------------------------------------------- the data
+
+    @property
+    def dls(self):
+        """The `ImageDataLoaders` trained and validated on (None: inference only)."""
+        return self._dls
+
+    @dls.setter
+    def dls(self, dls) -> None:
+        """Train on other data from here on: fastai's `learn.dls = ...`.
+
+        E.g. progressive resizing by hand: `learn.dls = ImageDataLoaders.from_folder(path,
+        size=128, augment=...)` after fitting at 64 px (`progressive.fit_progressive` is
+        the functional way). The image shape, the resize policy and the train step's
+        augmentation become the new data's, so `fit` trains at their size and `predict`
+        prepares images for it.
+
+        Raises:
+          ValueError: data of other classes than the learner's (its head's).
+        """
+        if dls is not None:
+            if self.classes and tuple(dls.classes) != self.classes:
+                raise ValueError(
+                    f"the new data's classes {list(dls.classes)} are not the learner's "
+                    f"{list(self.classes)}: its head predicts those"
+                )
+            self.classes, self.image_shape = tuple(dls.classes), tuple(dls.image_shape)
+            self.resize = dls.resize
+        self._dls = dls
+        self.train_step = make_train_step(
+            label_smoothing=LOSSES[self.loss], preprocess=self.preprocess,
+            augment=dls.augment if dls is not None else None, batch_augment=self.batch_augment,
+            compute_dtype=self.compute_dtype,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- the frozen groups
 

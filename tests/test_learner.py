@@ -82,6 +82,25 @@ def test_a_learner_run_is_the_functional_core_bit_for_bit(dls, folder):
     assert np.array_equal(dls.valid_ds.images, valid.images)
 
 
+def test_new_data_train_at_their_size_as_fastais_progressive_resizing(folder, dls, tmp_path):
+    learn = vision_learner(dls, "cnn_small", pretrained=False, path=tmp_path, progress=False)
+    learn.fit(1, 1e-2)
+    crop = data.compose(FLIP, data.random_resized_crop(24, scale=(0.5, 1.0)))
+    learn.dls = jl.ImageDataLoaders.from_folder(
+        folder, size=24, batch_size=BATCH, augment=crop, cache_dir=folder / "cache",
+        progress=False,
+    )  # fmt: skip
+    assert learn.image_shape == (24, 24, 3)
+    assert learn.train_step is jl.make_train_step(augment=crop)  # the new data's augmentation
+    learn.fit(1, 1e-2)
+    assert int(learn.state.step) == 2 * len(dls.train) and len(learn.history["loss"]) == 4
+    assert learn.predict(folder / "train" / "cats" / "0.png")[0] in learn.classes  # at 24 px
+    write_color_folder(tmp_path / "birds" / "train", names=("birds", "dogs"), per_class=4)
+    with pytest.raises(ValueError, match=r"classes \['birds', 'dogs'\] are not the learner's"):
+        learn.dls = jl.ImageDataLoaders.from_folder(tmp_path / "birds", size=24, batch_size=4,
+                                                    cache_dir=tmp_path, progress=False)  # fmt: skip
+
+
 def test_lr_find_leaves_the_state_unchanged_bit_for_bit(dls):
     learn = _learner(dls)
     learn.freeze()  # the sweep trains the learner's own frozen set
