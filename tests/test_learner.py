@@ -194,14 +194,15 @@ def test_most_confused_lists_the_mistaken_pairs_most_frequent_first():
     assert interp.most_confused(min_val=2) == [("a", "b", 2)]
 
 
-def test_from_tfds_carves_a_stratified_validation_set(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-    with tfds.testing.mock_data(num_examples=40):  # random examples, no files, no network
-        mock = jl.ImageDataLoaders.from_tfds("mnist", valid_pct=0.25, batch_size=8, progress=False)
-    assert (len(mock.train_ds), len(mock.valid_ds)) == (30, 10)
-    assert mock.c == 10 and mock.image_shape == (28, 28, 1)
-    assert set(mock.valid_ds.labels) <= set(mock.train_ds.labels)
+def test_from_tfds_carves_a_stratified_validation_set(tmp_path):
+    from tfds_colors import NAME, prepare
+
+    prepared = prepare(tmp_path)  # real array_record files: 12 cats and 12 dogs in 'train'
+    dls = jl.ImageDataLoaders.from_tfds(NAME, valid_pct=0.25, size=8, batch_size=4,
+                                        data_dir=prepared, progress=False)  # fmt: skip
+    assert (len(dls.train_ds), len(dls.valid_ds)) == (18, 6) and not dls.streamed
+    assert dls.classes == ("cats", "dogs") and dls.image_shape == (8, 8, 3)
+    assert np.bincount(dls.valid_ds.labels).tolist() == [3, 3]  # stratified
 
 
 class _Interrupt(Callback):
