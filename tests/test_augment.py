@@ -224,6 +224,7 @@ def test_tta_views_are_stacked_flips_and_shifts():
         (lambda: aug.random_rotate(200.0), "max_degrees"),
         (lambda: aug.random_rotate(10.0, p=-0.1), "p"),
         (lambda: aug.random_rotate(10.0, mode="wrap"), "mode"),
+        (lambda: aug.rotate(jnp.zeros((1, 4, 4, 1)), jnp.zeros(1), mode="wrap"), "mode"),
         (lambda: aug.resize(0), "size"),
         (lambda: aug.compose(), "at least one"),
     ],

@@ -290,6 +290,8 @@ def rotate(images: jax.Array, angles: jax.Array, mode: str = "reflect") -> jax.A
 
     The pure resampling under `random_rotate` (which see for `mode`).
     """
+    if mode not in _PAD_MODES:
+        raise ValueError(f"mode must be one of {_PAD_MODES}, got {mode!r}")
     _, height, width, _ = images.shape
     rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
     # Offsets from the centre, row axis pointing down: an output pixel at (y, x) reads the

@@ -389,6 +389,7 @@ class StreamLoader:
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
         self.skipped: dict[int, str] = {}  # index -> reason, of every broken file met so far
         self._batches: list | None = None  # [the live Grain iterator]
+        self._closer: weakref.finalize | None = None  # closes it, by `close()` or at exit
         self._next = 0  # the global step it yields next
 
     @property
