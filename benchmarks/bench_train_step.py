@@ -216,7 +216,19 @@ _FLAGS_TRIED = [
     "convolution is rewritten to oneDNN (the optimized HLO keeps Eigen convolutions), same time.",
     "oneDNN fusion types (--xla_cpu_experimental_onednn_fusion_type): only dot, eltwise and "
     "reduce exist, no convolution.",
+    "XNNPACK convolutions (--xla_cpu_experimental_xnn_fusion_type=individual_convolution, "
+    "also with --xla_cpu_use_xnnpack=true, YNNPACK fusions off): a 32x32 16->16 convolution "
+    "at batch 128 forward 10.8-11.1 ms and both gradients 41-44 ms, Eigen's 11.3 and 43.6 in "
+    "the same run (2026-12-02, another job on the cores): they stay on Eigen. Dropped.",
 ]
+_STRIDED_TRIED = (
+    "Input gradient of stride-2 convolutions by output phase (a custom_vjp: the s^2 phases "
+    "as one stride-1 convolution of the undilated gradient, then depth-to-space; matches "
+    "autodiff to 2e-7): isolated 32x32 16->32 at batch 128 13.1-14.7 -> 2.5-3.3 ms, 16x16 "
+    "32->64 2.7-3.8 -> 1.8-2.2 ms, but the whole gradient in one process, alternating "
+    "(2026-12-02): ResNet-20 332 -> 331 ms (1.008x), CIFAR ResNet-18 1.009x, ResNet-18 at "
+    "64 px batch 32 1.058x. Dropped."
+)
 _CNN_TRIED = [
     "KEPT max_pool_2x2: 2x2 max-pool as reshape + max instead of nn.max_pool "
     "(select-and-scatter backward): 64 px 121 -> 83 ms with JAX's own gradient of the max "
@@ -244,6 +256,7 @@ TRIED = {
     "resnet18_cifar": [
         "KEPT the same add_relu and BatchNorm as ResNet-20 (its blocks): ratio 0.72 -> 0.88 on "
         "the AVX-512 host (0.98 before on the AVX2-only host of runs 0-2).",
+        _STRIDED_TRIED,
     ],
     "cnn_small_64": _CNN_TRIED,
     "cnn_small_128": _CNN_TRIED,
@@ -264,6 +277,7 @@ TRIED = {
         "13.6 -> 49.2 ms. Dropped.",
         "YNNPACK convolutions (jaxlib's default): isolated forward 32x32 16->16 5.1 ms, "
         "8x8 64->64 4.7 ms vs Eigen 4.8, 1.9 ms; the whole step 2.7x slower. Not used.",
+        _STRIDED_TRIED,
         "Stops here: the convolutions alone (conv_kernels in this JSON) take Eigen about "
         "twice as long as oneDNN at these shapes, more than PyTorch's whole step.",
         *_FLAGS_TRIED,
