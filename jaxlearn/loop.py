@@ -44,9 +44,17 @@ class NonFiniteLossError(FloatingPointError):
 class Loader(Protocol):
     """What `fit` needs from training data (`ArrayLoader` is one)."""
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """Steps (batches) per epoch."""
+        ...
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterable[dict]: ...
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterable[dict]:
+        """The batches of `epoch` from its `start_step`-th on, the same for the same arguments.
+
+        `fit` resumes a run mid-epoch by asking for the epoch again from the step it
+        stopped at, so the order must be a function of `epoch` alone.
+        """
+        ...
 
 
 class Callback:
