@@ -222,12 +222,14 @@ def convert_state_dict(
             f"(num_classes={getattr(model, 'num_classes', '?')}):\n{report}"
         )
     # Copies: on CPU `jnp.asarray` would share the caller's memory (e.g. a live torch model's
-    # `.numpy()` views, which its next training step overwrites in place).
+    # `.numpy()` views, which its next training step overwrites in place). The copy and the
+    # cast are NumPy's: `jnp.array(x, dtype)` compiled a cast per distinct shape (48
+    # programs, 0.4 s, for EfficientNet-Lite0).
     flat = {
-        path: jnp.array(_to_flax_layout(given[k]), dtype=template[path].dtype)
+        path: np.array(_to_flax_layout(given[k]), dtype=template[path].dtype)
         for k, path in keys.items()
     }
-    return traverse_util.unflatten_dict(flat)
+    return jax.device_put(traverse_util.unflatten_dict(flat))
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ wheels on these machines are CUDA builds that fail to import, so it cannot be
 the reference itself.
 """
 
+import copy
 import io
 import urllib.error
 import urllib.request
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compilations
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch (CPU build)")
 tnn = torch.nn
@@ -162,6 +164,27 @@ def test_converted_resnet_matches_torch_logits_and_stages(name):
         np.testing.assert_allclose(stages[stage], want, atol=1e-4, rtol=0, err_msg=stage)
     assert np.abs(want_logits.numpy()).max() > 0.1  # a real comparison, not of near-zeros
     np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_conversion_copies_the_callers_arrays_and_compiles_nothing(resnet18_torch):
+    # A live torch model's `.numpy()` arrays share its memory, which its next training
+    # step overwrites in place: the converted variables must not change with them. The
+    # copy and the cast are host work, no XLA program per weight shape (a 7-class head
+    # is a shape no other test converts, so no earlier test compiled one for it).
+    net = copy.deepcopy(resnet18_torch)
+    state_dict = numpy_state_dict(net)
+    rng = np.random.default_rng(0)
+    state_dict["fc.weight"] = rng.normal(size=(7, 512)).astype(np.float32)
+    state_dict["fc.bias"] = rng.normal(size=7).astype(np.float32)
+    model = get_model("resnet18", num_classes=7)
+    with count_compilations() as compiles:
+        variables = pretrained.convert_state_dict(state_dict, model)
+    assert len(compiles) == 0
+    scale = np.array(variables["params"]["bn1"]["scale"])
+    with torch.no_grad():
+        net.bn1.weight.add_(1.0)  # in place, as an optimizer step
+    assert state_dict["bn1.weight"][0] == net.bn1.weight[0]  # the caller's array moved too
+    np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], scale)
 
 
 def test_round_trip_pth_to_flax_to_file_and_back(resnet18_torch, tmp_path):
