@@ -50,6 +50,7 @@ from jaxlearn.data.images import decode_file, resize_array
 from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.data.stream import SourceImages, StreamLoader
 from jaxlearn.ensemble import combine_logits, member_logits, snapshot_steps
+from jaxlearn.inference import pad_rows
 from jaxlearn.schedules import one_cycle, sgdr
 from jaxlearn.state import TrainState
 from jaxlearn.steps import make_eval_step, make_train_step
@@ -584,11 +585,10 @@ class Learner:
         if jax.process_count() > 1:
             raise ValueError("predictions over a streamed set run in one process")
         probs, labels, kept = [], [], []
-        for step, batch in enumerate(images):  # evaluation order: examples 0, 1, ...
-            mask = np.asarray(batch["mask"])  # False: padding, or a file that cannot be read
-            probs.append(probabilities(np.asarray(batch["image"])[mask]))
-            labels.append(np.asarray(batch["label"])[mask])
-            kept.append(step * images.batch_size + np.flatnonzero(mask))
+        for x, y, index, rows in _readable_chunks(images, batch_size):
+            probs.append(probabilities(x)[:rows])
+            labels.append(y)
+            kept.append(index)
         kept = np.concatenate(kept)
         on_disk = SourceImages(images.source, kept, images.size, images.resize)
         return np.concatenate(probs), np.concatenate(labels), on_disk
@@ -769,6 +769,34 @@ def _probabilities(apply_fn, members, images, preprocess, *, views_fn=None, batc
         apply_fn, members, images, views_fn=views_fn, batch_size=batch_size, preprocess=preprocess
     )
     return combine_logits(logits.reshape(-1, *logits.shape[2:]))
+
+
+def _readable_chunks(loader: StreamLoader, size: int):
+    """A streamed evaluation set's readable images, `size` at a time, in order.
+
+    Yields `(images, labels, indices, rows)`. The chunks are those `apply_batched` cuts
+    from the same images held in memory: `size` rows each, the last padded with zero
+    rows to `size` (`rows` real ones) unless it is the only chunk. The same programs
+    then run on the same rows, so streamed predictions equal in-memory ones bit for bit
+    (a loader's batch of 4 and a chunk of 5 compile to matmuls that round differently
+    on some CPUs), and the loader's batch size does not set the forward's.
+    """
+    held = [[], [], []]  # images, labels, indices not yet yielded
+    count, first = 0, True
+    for step, batch in enumerate(loader):  # evaluation order: examples 0, 1, ...
+        mask = np.asarray(batch["mask"])  # False: padding, or a file that cannot be read
+        held[0].append(np.asarray(batch["image"])[mask])
+        held[1].append(np.asarray(batch["label"])[mask])
+        held[2].append(step * loader.batch_size + np.flatnonzero(mask))
+        count += int(mask.sum())
+        while count >= size:
+            x, y, index = (np.concatenate(parts) for parts in held)
+            yield x[:size], y[:size], index[:size], size
+            held = [[x[size:]], [y[size:]], [index[size:]]]
+            count, first = count - size, False
+    if count:
+        x, y, index = (np.concatenate(parts) for parts in held)
+        yield (x if first else pad_rows(x, size)), y, index, count
 
 
 def _concatenated(old: dict, new: dict) -> dict[str, np.ndarray]:

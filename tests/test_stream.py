@@ -203,6 +203,9 @@ def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder,
         np.testing.assert_array_equal(got.history[k], want.history[k], err_msg=k)
     for a, b in zip(got.tta(), want.tta(), strict=True):  # the validation set, with TTA
         np.testing.assert_array_equal(a, b)
+    # 5 images in forwards of 2: chunks of 2, 2 and a padded 1, as in memory
+    for a, b in zip(got.get_preds(batch_size=2), want.get_preds(batch_size=2), strict=True):
+        np.testing.assert_array_equal(a, b)
 
     shown = ClassificationInterpretation.from_learner(got)
     kept = ClassificationInterpretation.from_learner(want)
