@@ -78,6 +78,31 @@ def conv(
     )
 
 
+def _window_taps(x: jax.Array, window: tuple[int, int], strides, padding) -> list[jax.Array]:
+    """What each tap of a kh x kw window reads: kh*kw strided views of the padded NHWC `x`.
+
+    Tap (i, j), at index `i * kw + j`, is the (N, oh, ow, C) array of the input pixels
+    that the window's row i, column j meets at every output position; a convolution
+    is the sum over taps of tap times that tap's kernel slice.
+
+    Args:
+      x: (N, H, W, C) input.
+      window: (kh, kw).
+      strides: (sh, sw).
+      padding: ((top, bottom), (left, right)) zeros around the input.
+    """
+    (kh, kw), (sh, sw) = window, strides
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    n, height, width, c = x.shape
+    oh, ow = (height - kh) // sh + 1, (width - kw) // sw + 1
+    strides4 = (1, sh, sw, 1)
+    return [
+        lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), strides4)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
 def _conv_general_dilated(
     lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation, dimension_numbers,
     feature_group_count, precision,
@@ -108,15 +133,8 @@ def _conv_general_dilated(
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision,
         )  # fmt: skip
-    x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-    patches = jnp.concatenate(
-        [
-            x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-            for i in range(kh)
-            for j in range(kw)
-        ],
-        axis=-1,
-    )  # (N, oh, ow, kh * kw * C_in), in the kernel's (row, column, channel) order
+    # (N, oh, ow, kh * kw * C_in), in the kernel's (row, column, channel) order
+    patches = jnp.concatenate(_window_taps(lhs, (kh, kw), window_strides, padding), axis=-1)
     kernel = rhs.reshape(-1, rhs.shape[-1])
     return lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())), precision=precision)
 
@@ -315,7 +333,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str =
         raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "shifted" if jax.default_backend() == "cpu" else "lax"
-    n, h, w, c = x.shape
+    h, w, c = x.shape[1:]
     k = kernel.shape[0]
     if impl == "lax":
         return lax.conv_general_dilated(
@@ -323,14 +341,11 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str =
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
         )  # fmt: skip
     pads = lax.padtype_to_pads((h, w), (k, k), (stride, stride), "SAME")
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    oh, ow = -(-h // stride), -(-w // stride)
-    out = jnp.zeros((n, oh, ow, c), jnp.float32)
-    for i in range(k):
-        for j in range(k):
-            end = (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c)
-            tap = lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
-            out = out + tap.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
+    taps = _window_taps(x, (k, k), (stride, stride), pads)
+    out = jnp.zeros(taps[0].shape, jnp.float32)
+    for index, tap in enumerate(taps):
+        i, j = divmod(index, k)
+        out = out + tap.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
     return out.astype(x.dtype)
 
 
