@@ -589,6 +589,10 @@ class Learner:
             probs.append(probabilities(x)[:rows])
             labels.append(y)
             kept.append(index)
+        if not kept:
+            raise ValueError(
+                f"no readable image in the streamed set ({len(images.skipped)} skipped)"
+            )
         kept = np.concatenate(kept)
         on_disk = SourceImages(images.source, kept, images.size, images.resize)
         return np.concatenate(probs), np.concatenate(labels), on_disk

@@ -93,6 +93,20 @@ def test_broken_files_are_counted_replaced_in_training_and_masked_in_evaluation(
     with warnings.catch_warnings():  # the next epoch meets no new broken file: no warning
         warnings.simplefilter("error")
         _host(train.epoch(1))
+    # Predictions regroup the readable images into chunks of the forward's size: batches
+    # of 1 (two of them all padding) become chunks of 4 and of 2 padded to 4.
+    from jaxlearn.learner import _readable_chunks
+
+    ones = StreamLoader(source, 1, SIZE, train=False, threads=0)
+    with pytest.warns(UserWarning, match="skipped 2 of 8"):
+        chunks = list(_readable_chunks(ones, 4))
+    assert [(len(x), rows) for x, _, _, rows in chunks] == [(4, 4), (4, 2)]
+    np.testing.assert_array_equal(
+        np.concatenate([i for _, _, i, _ in chunks]), np.flatnonzero(mask)
+    )
+    readable = np.concatenate([b["image"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(np.concatenate([x[:r] for x, _, _, r in chunks]), readable)
+    assert not chunks[1][0][2:].any()  # the padding rows are zeros
 
 
 def test_killed_and_resumed_fit_is_bit_identical(tmp_path):
@@ -215,6 +229,13 @@ def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder,
     shown.plot_top_losses(3, path=tmp_path / "top.png")
     with pytest.raises(ValueError, match="evaluation loader"):
         got.get_preds(streamed.train)
+    for name in ("cats/empty.png", "dogs/notes.png"):  # a set of broken files only
+        (tmp_path / "broken" / "valid" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "broken" / "valid" / name).write_bytes(b"")
+    broken = StreamLoader(ImageFolderSource(tmp_path / "broken", "valid"), BATCH, SIZE,
+                          train=False, threads=0)  # fmt: skip
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable image"):
+        got.get_preds(broken)
     with pytest.raises(TypeError, match="worker"):
         jl.ImageDataLoaders.from_folder(folder, **common, worker=2)
     with pytest.raises(ValueError, match="both be ImageArrays or both"):
