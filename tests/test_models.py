@@ -283,9 +283,10 @@ def test_small_map_convolution_is_the_convolution(hw, kernel, stride, padding):
 def test_small_maps_compile_to_no_swapped_convolutions():
     # XLA swaps the input and the kernel of a convolution whose output has fewer pixels
     # than its kernel, and XLA:CPU runs the swapped form as a naive loop (ResNet-10's
-    # train step at 32 px: 96 ms instead of 23). ResNet-10 at 32 px ends on 2x2 and 1x1
-    # maps; its compiled gradient must hold no swapped convolution (window reversed, or
-    # the output's feature dimension first), in the forward or the backward.
+    # train step at 32 px: 108 ms instead of 27, benchmarks/results/small_maps.json).
+    # ResNet-10 at 32 px ends on 2x2 and 1x1 maps; its compiled gradient must hold no
+    # swapped convolution (window reversed, or the output's feature dimension first), in
+    # the forward or the backward.
     model = get_model("resnet10", 2)
     x = jnp.zeros((2, 32, 32, 3))
     variables = numpy_variables(model, x)
