@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlearn.parallel import to_device
 from jaxlearn.state import init_optimizer
 from jaxlearn.steps import injected_learning_rate
 
@@ -146,7 +147,7 @@ def sweeping(tx: optax.GradientTransformation, lrs: Any) -> optax.GradientTransf
     Returns:
       The rescaled transformation; its state is `(tx's state, count)`.
     """
-    table = jnp.asarray(lrs, jnp.float32)  # an array: every sweep shares one compiled step
+    table = to_device(lrs, np.float32)  # an array: every sweep shares one compiled step
 
     def init(params):
         return tx.init(params), jnp.zeros((), jnp.int32)
@@ -227,7 +228,7 @@ def lr_find(
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
     if make_tx is not None:
-        table = jnp.asarray(lrs, jnp.float32)
+        table = to_device(lrs, np.float32)
         tx = make_tx(lambda count: table[jnp.minimum(count, num_steps - 1)])
     elif injected_learning_rate(state.opt_state) is None:
         raise ValueError(

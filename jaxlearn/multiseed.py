@@ -29,6 +29,7 @@ import optax
 
 from jaxlearn import programs
 from jaxlearn.data.loader import epoch_order
+from jaxlearn.parallel import to_device
 from jaxlearn.state import TrainState
 
 Step = Callable[[TrainState, dict], tuple[TrainState, dict]]
@@ -49,7 +50,7 @@ def init_many(
     """
     if jnp.ndim(keys) < 1 or len(keys) < 1:
         raise ValueError(f"keys must hold at least one key on axis 0, got shape {jnp.shape(keys)}")
-    example_input = jnp.asarray(example_input)
+    example_input = to_device(example_input)
     # `create` compiles the model's and the optimizer's init by value, here batched over keys.
     return jax.vmap(lambda key: TrainState.create(model, tx, key, example_input))(keys)
 
@@ -131,12 +132,12 @@ def train_many(
             f"{len(images)} images, {len(labels)} labels, batch_size {batch_size}"
         )
     steps = len(images) // batch_size  # the last partial batch is dropped, as ArrayLoader does
-    x, y = jnp.asarray(images), jnp.asarray(labels, jnp.int32)  # one copy for all the models
+    x, y = to_device(images), to_device(labels, np.int32)  # one copy for all the models
     history: list[dict] = []
     for epoch in range(start_epoch, start_epoch + epochs):
         orders = [epoch_order(int(s), epoch, len(images)) for s in seeds]
         order = np.stack([o[: steps * batch_size] for o in orders])
-        order = jnp.asarray(order.reshape(n_models, steps, batch_size), jnp.int32)
+        order = to_device(order.reshape(n_models, steps, batch_size), np.int32)
         static, consts = _static_of_stacked(states)
         fields, metrics = _run_epoch(train_step, static, programs.arrays(states), consts, x, y,
                                      order)  # fmt: skip

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlearn.parallel import to_device
+
 _INT32_MAX = 2**31 - 1
 # Python-int steps are located in int64; 2**62 leaves headroom for `t - warmup` and sums.
 _MAX_STEP = 2**62
@@ -202,9 +204,9 @@ class _Cycles:
         if self._starts is not None:
             # Device copies for int32 steps (< 2**31 - 1): starts beyond int32 are
             # unreachable there and saturate; lengths keep their true value up to int32.
-            self._starts_dev = jnp.asarray(np.minimum(self._starts, _INT32_MAX), jnp.int32)
+            self._starts_dev = to_device(np.minimum(self._starts, _INT32_MAX), np.int32)
             lengths = np.minimum(np.diff(self._starts), _INT32_MAX)
-            self._lengths_dev = jnp.asarray(lengths, jnp.int32)
+            self._lengths_dev = to_device(lengths, np.int32)
 
     def _start_table(self) -> np.ndarray:
         """Start of each cycle after warmup, plus the end of the last one (int64).
@@ -569,8 +571,8 @@ def step_decay(init_lr: float, boundaries: Sequence[int], factor: float = 0.1):
     bounds = [_check_int("boundaries", b, 1) for b in boundaries]
     if not bounds or any(a >= b for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"boundaries must be a non-empty increasing list, got {boundaries!r}")
-    table = jnp.asarray(bounds, jnp.int32)
-    values = jnp.asarray([init * factor**k for k in range(len(bounds) + 1)], jnp.float32)
+    table = to_device(bounds, np.int32)
+    values = to_device([init * factor**k for k in range(len(bounds) + 1)], np.float32)
 
     def schedule(step):
         return values[jnp.searchsorted(table, _clamped_step(step, bounds[-1]), side="right")]

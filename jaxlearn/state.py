@@ -26,6 +26,7 @@ import optax
 from flax import struct
 
 from jaxlearn import programs
+from jaxlearn.parallel import to_device
 
 
 class Ema(NamedTuple):
@@ -100,7 +101,7 @@ class TrainState(struct.PyTreeNode):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)  # raw uint32 keys save and replicate as plain arrays
         init = programs.model_key(model.init)  # by value: equal models share the compilation
-        rng, variables = _init_model(init, key, jnp.asarray(example_input))
+        rng, variables = _init_model(init, key, to_device(example_input))
         params = variables["params"]
         return cls(
             step=jnp.zeros((), jnp.int32),

@@ -81,3 +81,22 @@ def test_two_processes_match_one(one_device, tmp_path):
     two = np.load(out)
     assert int(two["num_devices"]) == 2
     _assert_close(one_device, two)
+
+
+def test_to_device_compiles_nothing_and_keeps_values_and_dtypes():
+    from conftest import count_compilations
+
+    from jaxlearn.parallel import to_device
+
+    table = np.arange(7 * 13).reshape(7, 13)  # int64 on the host, shapes no test uses
+    with count_compilations() as compiled:
+        ints = to_device(table, np.int32)
+        floats = to_device([0.5, 1.5, 2.5, 3.5, 4.5])
+        images = to_device(np.full((3, 5, 5, 3), 7, np.uint8))
+    # `jnp.asarray` ran a program for each: a conversion and two `jit(stage)`.
+    assert compiled == []
+    assert isinstance(ints, jax.Array) and ints.dtype == np.int32 and ints.shape == (7, 13)
+    np.testing.assert_array_equal(ints, table)
+    assert floats.dtype == np.float32 and images.dtype == np.uint8  # x64 off: float64 -> 32
+    np.testing.assert_array_equal(floats, [0.5, 1.5, 2.5, 3.5, 4.5])
+    assert to_device(ints) is ints and to_device(ints, np.float32).dtype == np.float32

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlearn.parallel import to_device
 from jaxlearn.programs import by_arguments
 
 #: An augmentation: (PRNG key, (N, H, W, C) images) -> augmented images.
@@ -447,7 +448,7 @@ def _mean_std(mean: Sequence[float], std: Sequence[float], channels: int):
             raise ValueError(f"{name} must be a scalar or have {channels} values, got {value}")
     if np.any(std_np <= 0):
         raise ValueError(f"std must be positive, got {std_np}")
-    return jnp.asarray(mean_np), jnp.asarray(std_np)
+    return to_device(mean_np), to_device(std_np)
 
 
 def _check_batch(images: jax.Array) -> None:
