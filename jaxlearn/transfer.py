@@ -43,7 +43,7 @@ from jaxlearn.inference import apply_batched
 from jaxlearn.loop import Callback, fit, stop_requested, watch_stops
 from jaxlearn.models.layers import head
 from jaxlearn.schedules import one_cycle
-from jaxlearn.state import TrainState
+from jaxlearn.state import TrainState, init_optimizer
 from jaxlearn.steps import (
     default_preprocess,
     injected_learning_rate,
@@ -380,17 +380,20 @@ def make_state(
       donates its input state, which must not invalidate the caller's arrays).
     """
     # Copies: the jitted train step donates the state's buffers, the caller keeps theirs
-    # (a raw key too, e.g. another state's `rng`).
+    # (a raw key too, e.g. another state's `rng`). `device_put` copies buffers as they
+    # are; `jnp.array` compiled a copy program per distinct shape (a ResNet-18: 21).
     key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    key = jnp.array(key)
-    params = jax.tree.map(jnp.array, variables["params"])
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    params, batch_stats, key, step = jax.device_put(
+        (variables["params"], variables.get("batch_stats", {}), key, np.int32(step)),
+        may_alias=False,
+    )
     return TrainState(
-        step=jnp.asarray(step, jnp.int32),
+        step=step,
         params=params,
-        batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
-        opt_state=tx.init(params),
+        batch_stats=batch_stats,
+        opt_state=init_optimizer(tx, params),
         rng=key,
         apply_fn=model.apply,
         tx=tx,
