@@ -332,7 +332,7 @@ def load_variables(
         )
         if report:
             raise ValueError(f"{path} does not fit {type(model).__name__}:\n{report}")
-    return jax.tree.map(jnp.asarray, variables)
+    return jax.device_put(variables)  # `jnp.asarray` compiled a program per leaf shape
 
 
 def load_torch_weights(path: str | Path, model: nn.Module, *, input_shape=(1, 224, 224, 3)):
