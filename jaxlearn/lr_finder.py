@@ -239,7 +239,8 @@ def lr_find(
     else:
         tx = sweeping(state.tx, lrs)
     # Fresh buffers: the jitted train step donates (deletes) the arrays it is given.
-    work = jax.tree.map(jnp.copy, state)
+    # (`device_put` copies without compiling; `jnp.copy` compiled a program per shape.)
+    work = jax.device_put(state, may_alias=False)
     work = work.replace(tx=tx, opt_state=init_optimizer(tx, work.params))
 
     losses, smoothed, best, avg = [], [], math.inf, 0.0

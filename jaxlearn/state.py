@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -165,10 +166,16 @@ def with_ema(state: TrainState, decay: float) -> TrainState:
     if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay < 1.0:
         raise ValueError(f"decay must be a number in (0, 1), got {decay!r}")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    # Filled on the host, put on each array's own devices: `jnp.full_like` compiled a
+    # program per distinct shape.
+    def like(x, value, dtype=None):
+        return jax.device_put(np.full(x.shape, value, dtype or x.dtype), x.sharding)
+
     ema = Ema(
-        decay=jnp.full_like(state.step, decay, dtype=jnp.float32),
-        count=jnp.zeros_like(state.step),
-        variables=jax.tree.map(jnp.zeros_like, variables),
+        decay=like(state.step, decay, np.float32),
+        count=like(state.step, 0),
+        variables=jax.tree.map(lambda x: like(x, 0), variables),
     )
     return state.replace(ema=ema)
 

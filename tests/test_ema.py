@@ -48,7 +48,10 @@ def test_ema_is_optax_ema_of_the_variables_and_changes_no_training():
     batches = _batches(3)
     _, plain = _run(state, step, batches)
     fresh, _, _ = make_run()
-    ema_state = with_ema(fresh, DECAY)
+    with count_compilations() as compiled:
+        ema_state = with_ema(fresh, DECAY)
+    assert compiled == []  # filled on the host (zeros_like compiled a program per shape)
+    assert all(x.sharding == fresh.step.sharding for x in jax.tree.leaves(ema_state.ema))
     # Attached: count 0, the EMA reads as the live variables; its arrays sit with the params'.
     _assert_equal(
         ema_variables(ema_state), {"params": fresh.params, "batch_stats": fresh.batch_stats}
