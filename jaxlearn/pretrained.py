@@ -27,6 +27,7 @@ Converted variables are stored as Flax msgpack (no pickle either) with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -115,7 +116,25 @@ def default_cache_dir() -> Path:
 
 
 def _template(model: nn.Module, input_shape) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    """The model's variables as flat {path: ShapeDtypeStruct}, without computing anything."""
+    """The model's variables as flat {path: ShapeDtypeStruct}, without computing anything.
+
+    Kept per (model, input shape): tracing `init` takes 0.3-1.7 s on 2 cores (ResNet-50,
+    EfficientNet-Lite), and a script loads the same weights once per seed or arm.
+    """
+    input_shape = tuple(input_shape)
+    try:
+        hash((model, input_shape))
+    except TypeError:  # a module field that cannot be hashed (a list, a dict)
+        return _trace_template(model, input_shape)
+    return dict(_cached_template(model, input_shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_template(model: nn.Module, input_shape: tuple) -> dict:
+    return _trace_template(model, input_shape)
+
+
+def _trace_template(model: nn.Module, input_shape) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False)
     )

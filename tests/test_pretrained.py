@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch (
 tnn = torch.nn
 
 from jaxlearn import pretrained  # noqa: E402
-from jaxlearn.models import get_model  # noqa: E402
+from jaxlearn.models import CifarResNet, get_model  # noqa: E402
 
 
 class TorchBasicBlock(tnn.Module):
@@ -336,3 +336,22 @@ def test_imagenet_normalize_matches_torchvision_constants():
     want = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(out[0, 0, 0], want, rtol=1e-6)
     np.testing.assert_allclose(pretrained.imagenet_normalize(images / 255.0), out, rtol=1e-6)
+
+
+def test_a_models_template_is_traced_once_per_model_and_input_shape(monkeypatch):
+    traced = []
+    trace = pretrained._trace_template
+    monkeypatch.setattr(
+        pretrained,
+        "_trace_template",
+        lambda model, shape: traced.append(shape) or trace(model, shape),
+    )
+    first = pretrained._template(CifarResNet(depth=8, num_classes=11), (1, 16, 16, 3))
+    again = pretrained._template(
+        CifarResNet(depth=8, num_classes=11), [1, 16, 16, 3]
+    )  # equal model
+    assert len(traced) == 1 and again == first and again is not first
+    first.clear()  # the caller's copy: the kept template stays whole
+    assert pretrained._template(CifarResNet(depth=8, num_classes=11), (1, 16, 16, 3)) == again
+    other = pretrained._template(CifarResNet(depth=8, num_classes=12), (1, 16, 16, 3))
+    assert len(traced) == 2 and other[("params", "fc", "bias")].shape == (12,)
