@@ -167,10 +167,12 @@ def with_ema(state: TrainState, decay: float) -> TrainState:
         raise ValueError(f"decay must be a number in (0, 1), got {decay!r}")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 
-    # Filled on the host, put on each array's own devices: `jnp.full_like` compiled a
-    # program per distinct shape.
+    # Filled on the host, each device given its own part of the array's sharding
+    # (no cross-process check, as `device_put` of host data makes): `jnp.full_like`
+    # compiled a program per distinct shape.
     def like(x, value, dtype=None):
-        return jax.device_put(np.full(x.shape, value, dtype or x.dtype), x.sharding)
+        fill = np.full(x.shape, value, dtype or x.dtype)
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: fill[index])
 
     ema = Ema(
         decay=like(state.step, decay, np.float32),
