@@ -34,6 +34,7 @@ import numpy as np
 from jaxlearn import ensemble
 from jaxlearn.models import get_model
 from jaxlearn.runs import environment
+from jaxlearn.state import init_variables
 from jaxlearn.steps import default_preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def measure(model_name: str, members: int, num_images: int, batch_size: int, rep
     images = np.random.default_rng(0).integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
     snapshots = []
     for i in range(members):
-        variables = jax.jit(model.init)(jax.random.key(i), jnp.zeros((1, 32, 32, 3)))
+        variables = init_variables(model, jax.random.key(i), np.zeros((1, 32, 32, 3), np.float32))
         # Non-trivial statistics so every member computes something different (none: an MLP).
         stats = jax.tree.map(lambda s, i=i: s + 0.01 * i, variables.get("batch_stats", {}))
         snapshots.append({"params": variables["params"], "batch_stats": stats})

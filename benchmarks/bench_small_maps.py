@@ -37,6 +37,7 @@ import optax
 from jax import lax
 
 from jaxlearn.models import get_model, layers
+from jaxlearn.state import init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [("resnet10", 32), ("resnet10", 64), ("resnet18", 64), ("resnet18", 128)]
@@ -68,7 +69,7 @@ def _programs(name: str, size: int, batch: int, eval_batch: int, arm: str):
     x_eval = rng.standard_normal((eval_batch, size, size, 3)).astype(np.float32)
     tx = optax.sgd(0.01, momentum=0.9)
     with conv_path(arm):
-        variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+        variables = init_variables(model, jax.random.key(0), x[:1])
         opt_state = tx.init(variables["params"])
 
         def loss_fn(params, batch_stats):

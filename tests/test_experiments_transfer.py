@@ -17,6 +17,7 @@ from conftest import write_cats_dogs, write_color_folder
 
 from jaxlearn.models import get_model
 from jaxlearn.pretrained import imagenet_normalize, load_variables, save_variables
+from jaxlearn.state import init_variables
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def data(tmp_path, monkeypatch):
 def imagenette_weights(tmp_path_factory):
     """Random 10-class resnet10 variables in the converted-weights format (experiment 6's)."""
     model = get_model("resnet10", 10)
-    variables = jax.jit(model.init)(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
+    variables = init_variables(model, jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
     return save_variables(tmp_path_factory.mktemp("w") / "imagenette.msgpack", variables)
 
 

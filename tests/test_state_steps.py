@@ -11,7 +11,7 @@ from core_worker import TinyNet, make_run, tiny_data
 from jaxlearn import schedules as S
 from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.models import SimpleCNN
-from jaxlearn.state import TrainState
+from jaxlearn.state import TrainState, init_variables
 from jaxlearn.steps import cross_entropy, make_eval_step, make_train_step
 
 
@@ -110,6 +110,23 @@ def test_dropout_and_augment_keys_follow_step():
     expected = jax.random.split(jax.random.fold_in(state.rng, 0))[0]
     np.testing.assert_array_equal(seen[0], expected)
     assert float(m1["loss"]) != float(m2["loss"])
+
+
+def test_init_variables_is_model_init_compiled_once_for_equal_models():
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    key = jax.random.key(7)
+    expected = TinyNet().init(key, x, train=False)
+    init_variables(TinyNet(), jax.random.key(0), x)  # compile (or read the run's cache)
+    with count_compilations() as compiled:
+        # An equal module built apart, another key: the same program, the caller's key.
+        got = init_variables(TinyNet(), key, x)
+    assert len(compiled) == 0
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    with count_compilations() as compiled:
+        init_variables(TinyNet(), key, np.zeros((2, 16, 16, 3), np.float32))
+    assert compiled  # another input shape: another program (the count is live)
+    with pytest.raises(ValueError, match=r"flax\.linen\.Module"):
+        init_variables(lambda key, x: x, key, x)
 
 
 def test_steps_compile_once_per_program_not_per_optimizer_object():
