@@ -36,10 +36,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # on top of these flags (the transfer smoke test's compiles 5.2, 5.9 -> 5.4, 5.5 s).
 # `-O1` instead of `-O0` runs elementwise code ~5x faster but compiles slower: on an
 # AVX2-only host, alternating whole suites, 190 and 207 s against 178 and 175 s.
+# And LLVM codegen in one piece: XLA:CPU splits each program's LLVM module to compile the
+# parts on a thread pool, which on 2 cores that both already run a worker is pure overhead
+# (train steps of resnet10 / cnn_small / resnet20 compile in 1.05 / 0.36 / 1.3 s instead of
+# 1.25 / 0.48 / 1.65 s; the transfer and cats_dogs smoke tests' XLA compiles 25.1 -> 17.5 s;
+# whole suites alternating in a slow hour, split in 32 (XLA's default) / in one piece:
+# 377 / 301 s, then 289 / 350 s; benchmarks/bench_compile.py).
 TEST_XLA_FLAGS = (
     "--xla_cpu_use_fusion_emitters=false",
     "--xla_backend_optimization_level=0",
     "--xla_cpu_multi_thread_eigen=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
 )
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ["XLA_FLAGS"] = runs.with_xla_flags([runs.YNN_CONV_OFF, *TEST_XLA_FLAGS])
