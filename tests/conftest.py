@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # (train steps of resnet10 / cnn_small / resnet20 compile in 1.05 / 0.36 / 1.3 s instead of
 # 1.25 / 0.48 / 1.65 s; the transfer and cats_dogs smoke tests' XLA compiles 25.1 -> 17.5 s;
 # whole suites alternating in a slow hour, split in 32 (XLA's default) / in one piece:
-# 377 / 301 s, then 289 / 350 s; benchmarks/bench_compile.py).
+# 377 / 301 s and 350 / 289 s; benchmarks/bench_compile.py).
 TEST_XLA_FLAGS = (
     "--xla_cpu_use_fusion_emitters=false",
     "--xla_backend_optimization_level=0",
