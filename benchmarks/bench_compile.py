@@ -7,13 +7,12 @@ Adam) in fresh processes (XLA reads XLA_FLAGS once), with the default split and 
 `--xla_cpu_parallel_codegen_split_count=1`, the two alternating, under two flag sets:
 
 - `user`: the project's CPU flags (`runs.YNN_CONV_OFF`), what a script compiles with;
-- `tests`: those plus the suite's compile-fast flags (tests/conftest.py:
-  loop emitters, LLVM -O0, one Eigen thread).
+- `tests`: those plus the suite's compile-fast flags (`runs.FAST_COMPILE`: loop
+  emitters, LLVM -O0, one Eigen thread).
 
-`--busy` runs the same in a second process alongside (as the suite's two xdist workers
-compile side by side on 2 cores). Medians over `--repeats`; writes one JSON.
+Medians over `--repeats`; writes one JSON.
 
-    python benchmarks/bench_compile.py [--busy]
+    python benchmarks/bench_compile.py
 """
 
 from __future__ import annotations
@@ -43,46 +42,34 @@ for name in sys.argv[1].split(","):
     lowered.compile()
     print(time.perf_counter() - t)
 """
-SPLIT_ONE = "--xla_cpu_parallel_codegen_split_count=1"
-# The suite's compile-fast flags (tests/conftest.py's TEST_XLA_FLAGS without the split).
-TEST_FLAGS = (
-    "--xla_cpu_use_fusion_emitters=false",
-    "--xla_backend_optimization_level=0",
-    "--xla_cpu_multi_thread_eigen=false",
-)
 
 
-def _compile_times(models: str, xla_flags: str, busy: bool) -> list[float]:
-    """Seconds per model of one fresh process (and, with `busy`, a twin beside it)."""
+def _compile_times(models: str, xla_flags: str) -> list[float]:
+    """Seconds per model, compiled in one fresh process."""
     env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    cmd = [sys.executable, "-c", COMPILE, models]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(2 if busy else 1)]  # fmt: skip
-    outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"a compile process failed under XLA_FLAGS={xla_flags!r}")
-    return [float(t) for t in outs[0].split()]
+    out = subprocess.run([sys.executable, "-c", COMPILE, models], env=env, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return [float(t) for t in out.split()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet10,cnn_small,resnet20")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--busy", action="store_true", help="a second compiling process beside")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compile.json"))
     args = parser.parse_args()
     models = args.models.split(",")
     user = runs.with_xla_flags([runs.YNN_CONV_OFF], "")
-    tests = runs.with_xla_flags(list(TEST_FLAGS), user)
-    record = {"machine": runs.environment(), "repeats": args.repeats, "busy": args.busy,
-              "models": models, "flag_sets": {"user": user, "tests": tests}}  # fmt: skip
+    tests = runs.with_xla_flags(list(runs.FAST_COMPILE), user)
+    record = {"machine": runs.environment(), "repeats": args.repeats, "models": models,
+              "flag_sets": {"user": user, "tests": tests}}  # fmt: skip
     for name, flags in (("user", user), ("tests", tests)):
-        arms = {"split_32": flags, "split_1": runs.with_xla_flags([SPLIT_ONE], flags)}
+        arms = {"split_32": flags, "split_1": runs.with_xla_flags([runs.ONE_PIECE_CODEGEN], flags)}
         times = {arm: [] for arm in arms}
         for _ in range(args.repeats):
             for arm, arm_flags in arms.items():
-                times[arm].append(_compile_times(args.models, arm_flags, args.busy))
+                times[arm].append(_compile_times(args.models, arm_flags))
         rows = {}
         for i, model in enumerate(models):
             row = {arm: {"median_s": statistics.median(r[i] for r in ts),

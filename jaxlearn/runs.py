@@ -36,6 +36,17 @@ YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 #: every call: an EfficientNet-Lite0 train step takes 2.3 s with the memory-minimising one,
 #: 6.1 s without.
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+#: XLA:CPU flags that compile fast rather than well, for compile-bound runs such as the test
+#: suite (tests/conftest.py has the numbers): legacy loop emitters, LLVM at -O0, one Eigen
+#: thread per process.
+FAST_COMPILE = (
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_backend_optimization_level=0",
+    "--xla_cpu_multi_thread_eigen=false",
+)
+#: LLVM codegen of each program in one piece instead of XLA:CPU's 32 parts on a thread pool:
+#: faster where every core already compiles (benchmarks/bench_compile.py).
+ONE_PIECE_CODEGEN = "--xla_cpu_parallel_codegen_split_count=1"
 
 
 def experiment_parser(description: str, *, default_out: str) -> argparse.ArgumentParser:

@@ -42,14 +42,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # 1.25 / 0.48 / 1.65 s; the transfer and cats_dogs smoke tests' XLA compiles 25.1 -> 17.5 s;
 # whole suites alternating in a slow hour, split in 32 (XLA's default) / in one piece:
 # 377 / 301 s and 350 / 289 s; benchmarks/bench_compile.py).
-TEST_XLA_FLAGS = (
-    "--xla_cpu_use_fusion_emitters=false",
-    "--xla_backend_optimization_level=0",
-    "--xla_cpu_multi_thread_eigen=false",
-    "--xla_cpu_parallel_codegen_split_count=1",
-)
 if os.environ["JAX_PLATFORMS"] == "cpu":
-    os.environ["XLA_FLAGS"] = runs.with_xla_flags([runs.YNN_CONV_OFF, *TEST_XLA_FLAGS])
+    os.environ["XLA_FLAGS"] = runs.with_xla_flags(
+        [runs.YNN_CONV_OFF, *runs.FAST_COMPILE, runs.ONE_PIECE_CODEGEN]
+    )
 # The suite is compile-bound (117 of 189 s, serially, are XLA compilations), and
 # JAX's default partitionable threefry makes every model init compile 2.3x slower on CPU
 # (cnn_small: 1.41 s vs 0.61 s): the classic threefry cuts the suite's CPU time by a
