@@ -29,7 +29,11 @@ def _finish(fig, path: str | Path | None):
     The PNG is a 256-colour palette image: line plots use few colours, and the
     palette makes the files 2-3x smaller than matplotlib's RGBA (the committed
     experiment figures went from 1.70 MB to 0.73 MB), small enough to keep beside
-    results.json. The figure is released from pyplot's registry (it stays usable:
+    results.json. The palette comes from Pillow's fast octree and the file from
+    zlib's default level: for a 1680x480 `plot_history` 0.024 s and 62 kB, against
+    0.195 s and 74 kB with a median cut and `optimize=True` (a 3x3 grid of photos:
+    0.05 s against 0.53 s, 252 kB against 292 kB, posterised alike).
+    The figure is released from pyplot's registry (it stays usable:
     `savefig`, notebook display), so scripts that draw dozens of figures don't pile
     them up.
     """
@@ -38,8 +42,8 @@ def _finish(fig, path: str | Path | None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         rgba = io.BytesIO()
         fig.savefig(rgba, format="png", dpi=120)
-        palette = Image.open(rgba).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
-        palette.save(path, format="PNG", optimize=True)
+        palette = Image.open(rgba).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+        palette.save(path, format="PNG")
     _pyplot().close(fig)
     return fig
 
