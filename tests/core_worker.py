@@ -126,10 +126,13 @@ def steps_run(out: str, steps: int = 6) -> None:
         )
 
 
-def fit_run(out: str, ckpt_dir: str, epochs: int, sleep: float = 0.0) -> None:
-    """fit() for `epochs` epochs with a checkpoint every 2 steps, resuming if one exists."""
-    import time
+def fit_run(out: str, ckpt_dir: str, epochs: int, report: bool = False) -> None:
+    """fit() for `epochs` epochs with a checkpoint every 2 steps, resuming if one exists.
 
+    With `report`, each step's end prints "step N" once every checkpoint written so far
+    is on disk, so a parent that kills the process on reading it knows which is the
+    newest complete one.
+    """
     import jax
 
     from jaxlearn.checkpoint import Checkpointer
@@ -142,9 +145,9 @@ def fit_run(out: str, ckpt_dir: str, epochs: int, sleep: float = 0.0) -> None:
         restored = ckpt.restore(state)
         state, history = restored["state"], restored["history"]
 
-    class Slow(Callback):
+    class Report(Callback):
         def on_step_end(self, step, state, metrics, history):
-            time.sleep(sleep)  # widen the window in which the parent sends SIGKILL
+            ckpt.wait()
             print("step", step, flush=True)
 
     state, history = fit(
@@ -153,7 +156,7 @@ def fit_run(out: str, ckpt_dir: str, epochs: int, sleep: float = 0.0) -> None:
         train_step=step,
         epochs=epochs,
         history=history,
-        callbacks=[Checkpoint(ckpt, every_steps=2), Slow()],
+        callbacks=[Checkpoint(ckpt, every_steps=2), *([Report()] if report else [])],
         progress=False,
     )
     ckpt.close()
@@ -174,6 +177,6 @@ if __name__ == "__main__":
         assert jax.process_count() == n, jax.process_count()
         steps_run(out)
     elif mode == "fit":
-        fit_run(out, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        fit_run(out, sys.argv[3], int(sys.argv[4]), report=sys.argv[5:] == ["report"])
     else:
         raise SystemExit(f"unknown mode {mode}")

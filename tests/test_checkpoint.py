@@ -96,10 +96,12 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(WORKER), "fit", str(tmp_path / "unused.npz"), str(killed_dir), "3"]
-    proc = subprocess.Popen([*cmd, "0.3"], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([*cmd, "report"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         for line in proc.stdout:
-            if line.strip() == "step 7":  # checkpoints at 2, 4, 6; killed during step 8
+            # Checkpoints at 2, 4, 6, all on disk when "step 7" is printed; killed during
+            # step 8 or its checkpoint's write.
+            if line.strip() == "step 7":
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:
