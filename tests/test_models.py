@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_init import numpy_variables
+from model_init import jit_apply, numpy_variables
 
 from jaxlearn.models import MODELS, BasicBlock, CifarResNet, SimpleCNN, get_model
 from jaxlearn.models.layers import BatchNorm, add_relu, conv, max_pool_2x2
@@ -100,9 +100,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     variables = numpy_variables(CifarResNet(depth=8, num_classes=4), x)
     bf16 = CifarResNet(depth=8, num_classes=4, dtype=jnp.bfloat16)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes(bf16, x)))
-    out = bf16.apply(variables, x, train=False)
+    out = jit_apply(bf16, train=False)(variables, x)
     assert out.dtype == jnp.float32
-    want = CifarResNet(depth=8, num_classes=4).apply(variables, x, train=False)
+    want = jit_apply(CifarResNet(depth=8, num_classes=4), train=False)(variables, x)
     np.testing.assert_allclose(out, want, atol=0.05 * float(np.abs(want).max()))
     assert not np.array_equal(out, want)  # bf16 really was used
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import count_compilations
+from model_init import jit_apply
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch (CPU build)")
 tnn = torch.nn
@@ -140,7 +141,7 @@ def numpy_state_dict(net):
 
 def flax_forward(model, variables, images_nchw):
     x = jnp.asarray(images_nchw.permute(0, 2, 3, 1).numpy())
-    logits, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    logits, state = jit_apply(model, train=False, mutable=["intermediates"])(variables, x)
     return np.asarray(logits), {k: np.asarray(v[0]) for k, v in state["intermediates"].items()}
 
 

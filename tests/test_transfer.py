@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from model_init import numpy_variables
+from model_init import jit_apply, numpy_variables
 
 from jaxlearn import transfer
 from jaxlearn.checkpoint import Checkpointer
@@ -149,7 +149,7 @@ def test_eval_mode_freezes_the_frozen_groups_batchnorm(tiny):
     )
     assert unfrozen_model.frozen_bn == ()
     x = np.random.default_rng(2).random((4, 16, 16, 3), dtype=np.float32)
-    _, updated = frozen_model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, updated = jit_apply(frozen_model, train=True, mutable=["batch_stats"])(variables, x)
     assert _same(updated["batch_stats"]["layer1_0"], variables["batch_stats"]["layer1_0"])
     assert not _same(updated["batch_stats"]["layer2_0"], variables["batch_stats"]["layer2_0"])
 
@@ -180,7 +180,7 @@ def test_discriminative_rates_follow_the_same_schedule():
 def test_head_on_cached_features_equals_training_with_a_frozen_body(tiny):
     model, variables, images, labels = tiny
     features = transfer.extract_features(model, variables, images, batch_size=3)  # 3 + 3 + 2 padded
-    want = model.apply(variables, images, train=False, features_only=True)
+    want = jit_apply(model, train=False, features_only=True)(variables, images)
     assert features.shape == (8, 64)
     np.testing.assert_allclose(features, want, atol=1e-6)
 
