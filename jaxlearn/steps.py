@@ -260,6 +260,7 @@ def make_train_step(
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     batch_augment: Callable[[jax.Array, Batch], Batch] | None = None,
     compute_dtype: Any = None,
+    sam_rho: float = 0.0,
     mesh: Mesh | None = None,
     jit: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -281,6 +282,15 @@ def make_train_step(
     gradients, optimizer state, BatchNorm statistics, logits and loss stay
     float32. float16 is refused (it needs loss scaling).
 
+    Sharpness-aware minimization (`sam_rho > 0`; Foret et al. 2021, "Sharpness-Aware
+    Minimization for Efficiently Improving Generalization"): the optimizer gets
+    the gradient at `w + rho * g / ||g||`, the steepest point within `rho` of the
+    weights to first order, instead of at `w`: it seeks weights whose whole
+    neighbourhood has low loss, the flat minima `jaxlearn.flatness` measures. Each
+    step costs two forward and backward passes over the same batch, with the same
+    dropout key; the reported metrics and the BatchNorm statistics are those of
+    the first pass at `w`.
+
     Args:
       label_smoothing: in [0, 1); 0 disables it.
       weight_decay: L2 coefficient (>= 0) added to the loss.
@@ -293,6 +303,8 @@ def make_train_step(
         `label_smoothing`), while accuracy counts its `"label"`. Its key is split
         from the augment key, so steps without it keep their keys.
       compute_dtype: None/float32, or bfloat16 (needs a model with a `dtype`).
+      sam_rho: SAM's neighbourhood radius (>= 0; 0 disables it; the paper's
+        default is 0.05).
       mesh: data mesh (default `data_mesh()`): batch split over 'data', state replicated.
       jit: False returns the pure, unjitted function.
 
@@ -313,6 +325,8 @@ def make_train_step(
     compute_dtype = check_compute_dtype(compute_dtype)
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not sam_rho >= 0.0:
+        raise ValueError(f"sam_rho must be >= 0, got {sam_rho}")
     preprocess = preprocess or default_preprocess
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -345,7 +359,12 @@ def make_train_step(
             aux = (loss, accuracy, bad, updates.get("batch_stats", {}))
             return total, aux
 
-        grads, (loss, accuracy, bad, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        grads, (loss, accuracy, bad, batch_stats) = grad_fn(state.params)
+        if sam_rho:
+            # 1e-12 keeps a zero gradient (a dead network) from dividing by zero.
+            scale = sam_rho / (optax.tree.norm(grads) + 1e-12)
+            grads, _ = grad_fn(jax.tree.map(lambda p, g: p + scale * g, state.params, grads))
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # BatchNorm statistics are reduced in float32 even from bf16 activations; keep the dtype.

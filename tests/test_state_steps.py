@@ -66,13 +66,10 @@ def test_lr_metric_from_inject_hyperparams():
     np.testing.assert_allclose(lrs, [schedule(i) for i in range(4)], rtol=1e-6)
 
 
-def test_loss_smoothing_and_weight_decay_match_by_hand():
-    images, labels = tiny_data(16)
-    state = TrainState.create(TinyNet(), optax.sgd(1.0), jax.random.key(0), images[:1])
-    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
-    wd, ls = 0.1, 0.2
+def _loss_by_hand(state, images, labels, wd=0.0, ls=0.0):
+    """The first step's training loss written out: (total, cross-entropy) of the params."""
 
-    def by_hand(params):
+    def loss(params):
         x = images.astype(np.float32) / 255
         key = jax.random.split(jax.random.fold_in(state.rng, 0))[1]
         logits, _ = state.apply_fn(
@@ -84,14 +81,46 @@ def test_loss_smoothing_and_weight_decay_match_by_hand():
         sq = sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
         return ce + 0.5 * wd * sq, ce
 
-    # Both jitted: run eagerly, every operation would compile on its own (6 s here).
-    grads, ce = jax.jit(jax.grad(by_hand, has_aux=True))(state.params)
-    expected = jax.tree.map(lambda p, g: p - g, state.params, grads)
-    step = make_train_step(label_smoothing=ls, weight_decay=wd, jit=False)
-    new, m = jax.jit(step)(state, batch)
-    np.testing.assert_allclose(m["loss"], ce, rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected), strict=True):
+    # Jitted: run eagerly, every operation would compile on its own (6 s here).
+    return jax.jit(jax.grad(loss, has_aux=True))
+
+
+def _one_sgd_step(**kw):
+    """(state, batch, the step's new state and metrics) for one jitted step of SGD at lr 1."""
+    images, labels = tiny_data(16)
+    state = TrainState.create(TinyNet(), optax.sgd(1.0), jax.random.key(0), images[:1])
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    new, m = jax.jit(make_train_step(jit=False, **kw))(state, batch)
+    return state, (images, labels), new, m
+
+
+def _assert_trees_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_smoothing_and_weight_decay_match_by_hand():
+    wd, ls = 0.1, 0.2
+    state, data, new, m = _one_sgd_step(label_smoothing=ls, weight_decay=wd)
+    grads, ce = _loss_by_hand(state, *data, wd=wd, ls=ls)(state.params)
+    np.testing.assert_allclose(m["loss"], ce, rtol=1e-5)
+    _assert_trees_close(new.params, jax.tree.map(lambda p, g: p - g, state.params, grads))
+
+
+def test_sam_steps_with_the_gradient_at_the_steepest_point_within_rho():
+    rho = 0.5
+    state, data, new, m = _one_sgd_step(sam_rho=rho, weight_decay=0.1)
+    grad_fn = _loss_by_hand(state, *data, wd=0.1)
+    grads, ce = grad_fn(state.params)
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+    worst = jax.tree.map(lambda p, g: p + rho * g / norm, state.params, grads)
+    sam_grads, _ = grad_fn(worst)
+    _assert_trees_close(new.params, jax.tree.map(lambda p, g: p - g, state.params, sam_grads))
+    np.testing.assert_allclose(m["loss"], ce, rtol=1e-5)  # reported at w, not at w + e
+    # The BatchNorm statistics are the first pass's: those of the plain step.
+    _, _, plain, _ = _one_sgd_step(weight_decay=0.1)
+    _assert_trees_close(new.batch_stats, plain.batch_stats)
+    assert not np.allclose(new.params["Dense_0"]["kernel"], plain.params["Dense_0"]["kernel"])
 
 
 def test_dropout_and_augment_keys_follow_step():
@@ -275,6 +304,7 @@ def test_loader_rejects_bad_input(kwargs, match):
     [
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"weight_decay": -1.0}, "weight_decay"),
+        ({"sam_rho": -0.05}, "sam_rho"),
         ({"compute_dtype": jnp.int8}, "compute_dtype"),
         ({"augment": 3}, "augment"),
     ],
