@@ -12,11 +12,14 @@ how much:
     +ema            the same runs, scored with the EMA of their weights
     +pseudo-labels  a student trained on the 650 plus the unlabelled pool images that the
                     +ema teacher (with TTA) labels with confidence >= PSEUDO_THRESHOLD
-    final           the student's EMA weights with TTA
+    final           the ideas that paid in the pilots (RESULTS.md): augmentation and mixup,
+                    with progressive resizing (64 px, then 128 px for a longer schedule)
+                    and TTA; EMA and pseudo-labels left out (they bought nothing)
 
 The recipe, top to bottom:
 
-1. ../shared/data/cats_and_dogs/train (999 cats, 1,000 dogs) decoded at 64 px; 650
+1. ../shared/data/cats_and_dogs/train (999 cats, 1,000 dogs) decoded at 64 px (the
+   final arm: at its last stage's size, 128 px, the same split); 650
    carved out as the labelled set (stratified, --split-seed), of the other 1,349 a
    validation set of --n-valid (stratified) and the rest an unlabelled pool, whose
    labels are never read (it enters `jaxlearn.pseudo` as images only).
@@ -29,7 +32,9 @@ The recipe, top to bottom:
    said so in results.json. Wall time per arm is recorded.
 
     python experiments/cats_dogs_scratch.py [--quick] [--data PATH] [--eval-dir DIR]
+        [--arms baseline,augment,mixup,pseudo,final]
 
+`--arms` runs some of the arms (pseudo needs mixup, whose EMA model is its teacher).
 Writes results.json and the training curves of seed 0 of each arm (history_*.png).
 
 `--part snapshots` asks whether snapshot ensembles (Huang et al. 2017) pay here: the
@@ -52,7 +57,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxlearn import plots, runs
+from jaxlearn import fit_progressive, plots, runs
 from jaxlearn import schedules as S
 from jaxlearn.data import (
     ArrayLoader,
@@ -98,10 +103,14 @@ FULL = dict(
     # SGDR x2's cycles of 286, 572 and 1,144 steps ended at 0.660, 0.747 and 0.768.
     snapshot_epochs=200,
     cycles=(1, 2),
+    # The final arm: (size, epochs) stages, 3,000 steps. Pilots over 5 seeds: progressive
+    # resizing alone 0.811 +- 0.006, with mixup 0.823 +- 0.009 (RESULTS.md); 128 px for the
+    # last 30 of 100 epochs instead lost (0.797): the larger size needs its own steps.
+    final_stages=((64, 100), (128, 50)),
 )
 QUICK = dict(size=32, n_train=64, n_valid=40, baseline_epochs=2, epochs=2, seeds=2, batch=16,
-             snapshot_epochs=2, cycles=(1, 2))  # fmt: skip
-ARMS = ("baseline", "augment", "mixup", "pseudo")
+             snapshot_epochs=2, cycles=(1, 2), final_stages=((32, 1), (48, 1)))  # fmt: skip
+ARMS = ("baseline", "augment", "mixup", "pseudo", "final")
 PEAK_LR = 3e-3  # fastai's default one-cycle peak for Adam, from scratch
 WEIGHT_DECAY = 0.05  # decoupled (AdamW): 650 images overfit within ~10 epochs without it
 # Augmentation: mirror (cats and dogs are left-right symmetric), a crop of 35-100% of the
@@ -137,6 +146,20 @@ def split(data: ImageArrays, cfg: dict, seed: int):
     return labelled, valid, pool.images
 
 
+def prepare(args, cfg: dict, size: int):
+    """The split at `size` px: (labelled, pool images, scored sets, preprocess, (mean, std)).
+
+    The scored sets are {"valid": ...} and "eval_dir" with --eval-dir; inputs are normalised
+    with the labelled images' channel statistics.
+    """
+    data, held = load(args, size)
+    train, valid, pool = split(data, cfg, args.split_seed)
+    sets = {"valid": valid} if held is None else {"valid": valid, "eval_dir": held}
+    mean, std = channel_stats(train.images)  # of the labelled images only
+    preprocess = partial(normalize, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+    return train, pool, sets, preprocess, (mean, std)
+
+
 def augmentation(size: int):
     """Flip, random resized crop and colour jitter, run on the device inside the train step."""
     return compose(
@@ -159,17 +182,35 @@ def _cycle_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _arm_list(text: str) -> tuple[str, ...]:
+    """'final,baseline' -> ('baseline', 'final'): arms to run, in the table's order."""
+    chosen = {t.strip() for t in text.split(",")}
+    unknown = sorted(chosen - set(ARMS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if "pseudo" in chosen and "mixup" not in chosen:
+        raise argparse.ArgumentTypeError("pseudo needs mixup: its EMA model is the teacher")
+    return tuple(arm for arm in ARMS if arm in chosen)
+
+
 def train_one(
     model, step, train: ImageArrays, seed: int, cfg: dict, *, steps: int, ema: bool = False,
-    schedule=None, callbacks=(),
+    schedule=None, callbacks=(), stages=None,
 ):  # fmt: skip
-    """One model from scratch for `steps` steps (default schedule one-cycle); (state, history)."""
+    """One model from scratch for `steps` steps (default schedule one-cycle); (state, history).
+
+    With `stages` ((size, epochs) pairs, `steps` their total) the run is progressive
+    (`fit_progressive`) and `step` is `size -> train step`.
+    """
     schedule = S.one_cycle(PEAK_LR, steps) if schedule is None else schedule
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=WEIGHT_DECAY)
     state = TrainState.create(model, tx, jax.random.key(seed), train.images[:1])
     if ema:
         state = with_ema(state, EMA_DECAY)
     loader = ArrayLoader(train.images, train.labels, cfg["batch"], seed=seed)
+    if stages is not None:
+        return fit_progressive(state, loader, stages=stages, step_for_size=step,
+                               callbacks=callbacks, progress=False)  # fmt: skip
     return fit(state, loader, train_step=step, steps=steps, callbacks=callbacks, progress=False)
 
 
@@ -265,6 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=None, help="image side in px (full 64)")
     parser.add_argument("--epochs", type=int, default=None, help="long arms' epochs (100)")
     parser.add_argument(
+        "--arms",
+        type=_arm_list,
+        default=ARMS,
+        help=f"ablation: the arms to run, comma-separated ({','.join(ARMS)})",
+    )
+    parser.add_argument(
         "--part",
         choices=("ablation", "snapshots"),
         default="ablation",
@@ -297,15 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{cfg['snapshot_epochs']}")  # fmt: skip
 
     # 1. Data: labelled / validation / unlabelled pool; --eval-dir for the report if given.
-    data, held = load(args, cfg["size"])
-    train, valid, pool = split(data, cfg, args.split_seed)
-    sets = {"valid": valid} if held is None else {"valid": valid, "eval_dir": held}
+    train, pool, sets, preprocess, (mean, std) = prepare(args, cfg, cfg["size"])
+    valid = sets["valid"]
     report_name = list(sets)[-1]
     report = sets[report_name]
     print(f"{len(train)} labelled / {len(valid)} valid / {len(pool)} unlabelled / "
           f"report on {report_name} ({len(report)})")  # fmt: skip
-    mean, std = channel_stats(train.images)  # of the labelled images only
-    preprocess = partial(normalize, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
 
     # 2. Trivial baseline: the training set's majority class.
     majority = np.bincount(train.labels, minlength=train.num_classes).argmax()
@@ -318,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "color_jitter": JITTER},
         "mixup_alpha": MIXUP_ALPHA, "ema_decay": EMA_DECAY,
         "pseudo_threshold": PSEUDO_THRESHOLD, "tta": {"flip": True, "shifts": TTA_SHIFTS},
+        "arms": list(args.arms), "final_stages": cfg["final_stages"],
         "data": str(runs.data_root(args.data) / "cats_and_dogs" / "train"),
         "eval_dir": args.eval_dir, "split_seed": args.split_seed,
         "split_sizes": [len(train), len(valid), len(pool)], "normalize": [mean, std],
@@ -342,24 +387,36 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{row[key]['std']:.4f}")  # fmt: skip
         return metrics
 
-    # 3. The arms x seeds; one step per arm, compiled once for all seeds (the optimizer
-    # enters the step by value; MixUp compares by value).
+    # 3. The arms x seeds; one step per arm (per size), compiled once for all seeds (the
+    # optimizer enters the step by value; MixUp compares by value).
+    arms = args.arms
     per_epoch = len(train) // cfg["batch"]
+    mixup = MixUp(MIXUP_ALPHA, train.num_classes)
     steps = {
         "baseline": (make_train_step(preprocess=preprocess), cfg["baseline_epochs"] * per_epoch),
         "augment": (make_train_step(augment=aug, preprocess=preprocess), cfg["epochs"] * per_epoch),
     }
-    mix = make_train_step(augment=aug, preprocess=preprocess,
-                          batch_augment=MixUp(MIXUP_ALPHA, train.num_classes))  # fmt: skip
+    mix = make_train_step(augment=aug, preprocess=preprocess, batch_augment=mixup)
     steps["mixup"] = steps["pseudo"] = (mix, cfg["epochs"] * per_epoch)
-    results = {arm: [] for arm in ARMS}
+    inputs = {arm: (train, sets, preprocess) for arm in arms}  # (labelled, scored on, preprocess)
+    if "final" in arms:  # the same split, stored at the last stage's size, its own statistics
+        big_train, _, big_sets, big_pre, big_stats = prepare(args, cfg, cfg["final_stages"][-1][0])
+        config["final_normalize"] = list(big_stats)
+        inputs["final"] = (big_train, big_sets, big_pre)
+
+        def step_for_size(size):
+            return make_train_step(augment=augmentation(size), preprocess=big_pre,
+                                   batch_augment=mixup)  # fmt: skip
+
+        steps["final"] = (step_for_size, sum(e for _, e in cfg["final_stages"]) * per_epoch)
+    results = {arm: [] for arm in arms}
     histories = {}
     for seed in range(cfg["seeds"]):
         teacher = None
-        for arm in ARMS:
+        for arm in arms:
             t0 = time.time()
             row = {}
-            arm_train = train
+            arm_train, arm_sets, arm_pre = inputs[arm]
             if arm == "pseudo":  # the mixup arm's EMA teacher labels the pool, with TTA
                 probs = combine_logits(tta_logits(model.apply, teacher, pool, preprocess))
                 chosen = select_confident(probs, PSEUDO_THRESHOLD)
@@ -367,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row["pseudo_labelled"] = len(chosen.index)
             step, n_steps = steps[arm]
             ema = arm in ("mixup", "pseudo")
-            state, history = train_one(model, step, arm_train, seed, cfg, steps=n_steps, ema=ema)
+            stages = cfg["final_stages"] if arm == "final" else None
+            state, history = train_one(model, step, arm_train, seed, cfg, steps=n_steps, ema=ema,
+                                       stages=stages)  # fmt: skip
             if seed == 0:
                 histories[arm] = history
             weights = {"": state.variables}
@@ -375,9 +434,10 @@ def main(argv: list[str] | None = None) -> dict:
                 weights["ema_"] = ema_variables(state)
                 teacher = weights["ema_"]
             for prefix, variables in weights.items():
-                for name, d in sets.items():
-                    for k, v in scores(model.apply, variables, d, preprocess).items():
+                for name, d in arm_sets.items():
+                    for k, v in scores(model.apply, variables, d, arm_pre).items():
                         row[f"{prefix}{name}_{k}"] = v
+            row["scored_px"] = arm_sets["valid"].images.shape[1]
             row["final_train_loss"] = float(history["train_loss"][-1])
             row["seconds"] = round(time.time() - t0, 1)
             results[arm].append(row)
@@ -389,15 +449,18 @@ def main(argv: list[str] | None = None) -> dict:
     def column(arm, key):
         return [r[key.format(report_name)] for r in results[arm]]
 
-    table = {
-        "baseline": column("baseline", "{}_plain"),
-        "+tta": column("baseline", "{}_tta"),
-        "+augmentation": column("augment", "{}_plain"),
-        "+mixup": column("mixup", "{}_plain"),
-        "+ema": column("mixup", "ema_{}_plain"),
-        "+pseudo-labels": column("pseudo", "ema_{}_plain"),
-        "final (+tta)": column("pseudo", "ema_{}_tta"),
+    table = {  # row: (arm, its score); the rows of the arms that ran
+        "baseline": ("baseline", "{}_plain"),
+        "+tta": ("baseline", "{}_tta"),
+        "+augmentation": ("augment", "{}_plain"),
+        "+mixup": ("mixup", "{}_plain"),
+        "+ema": ("mixup", "ema_{}_plain"),
+        "+pseudo-labels": ("pseudo", "ema_{}_plain"),
+        "+pseudo-labels +tta": ("pseudo", "ema_{}_tta"),
+        "final: mixup, progressive resizing": ("final", "{}_plain"),
+        "final (+tta)": ("final", "{}_tta"),
     }
+    table = {k: column(*arm_key) for k, arm_key in table.items() if arm_key[0] in arms}
     summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1
                    else 0.0, "values": v} for k, v in table.items()}  # fmt: skip
     seconds = {arm: float(np.mean([r["seconds"] for r in rows])) for arm, rows in results.items()}
@@ -416,10 +479,10 @@ def main(argv: list[str] | None = None) -> dict:
                        seeds=list(range(cfg["seeds"])), started=started)  # fmt: skip
 
     print(f"\nreported on {report_name} ({len(report)} images), {cfg['seeds']} seeds")
-    print(f"{'majority class':16}{baseline:>8.4f}")
+    print(f"{'majority class':36}{baseline:>8.4f}")
     for name, row in summary.items():
-        print(f"{name:16}{row['mean']:>8.4f} ± {row['std']:.4f}")
-    print(f"{'reference':16}{0.8237:>8.4f}  (2013 state of the art, 13,000 images)")
+        print(f"{name:36}{row['mean']:>8.4f} ± {row['std']:.4f}")
+    print(f"{'reference':36}{0.8237:>8.4f}  (2013 state of the art, 13,000 images)")
     print("seconds per seed: " + ", ".join(f"{a} {s:.0f}" for a, s in seconds.items()))
     return metrics
 

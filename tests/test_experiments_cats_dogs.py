@@ -29,22 +29,42 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
     assert metrics["majority_class_accuracy"] == 0.5  # a 16-16 tie goes to class 0
     ablation = metrics["ablation"]
     assert list(ablation) == ["baseline", "+tta", "+augmentation", "+mixup", "+ema",
-                              "+pseudo-labels", "final (+tta)"]  # fmt: skip
+                              "+pseudo-labels", "+pseudo-labels +tta",
+                              "final: mixup, progressive resizing", "final (+tta)"]  # fmt: skip
     for row in ablation.values():
         assert len(row["values"]) == 1 and all(0 <= v <= 1 for v in row["values"])
         assert row["mean"] == pytest.approx(np.mean(row["values"]))
     # Each row of the table comes from the eval-dir scores of its arm, not the validation ones.
     per_seed = metrics["per_seed"]
-    assert ablation["final (+tta)"]["values"] == [r["ema_eval_dir_tta"] for r in per_seed["pseudo"]]
+    assert ablation["final (+tta)"]["values"] == [r["eval_dir_tta"] for r in per_seed["final"]]
+    assert ablation["+pseudo-labels +tta"]["values"] == [
+        r["ema_eval_dir_tta"] for r in per_seed["pseudo"]
+    ]
     assert ablation["+ema"]["values"] == [r["ema_eval_dir_plain"] for r in per_seed["mixup"]]
     assert ablation["baseline"]["values"] == [r["eval_dir_plain"] for r in per_seed["baseline"]]
     # The student saw at most the 12 pool images, balanced: an even count.
     assert all(r["pseudo_labelled"] in (0, 2, 4, 6, 8, 10, 12) for r in per_seed["pseudo"])
     assert set(metrics["seconds_per_seed"]) == set(cats_dogs.ARMS)
+    # The final arm trains through its stages (32 px, then 48 px; 2 steps an epoch) and is
+    # scored on the held-out images stored at 48 px.
+    assert record["config"]["final_stages"] == [[32, 1], [48, 1]]
+    assert [r["scored_px"] for r in per_seed["final"]] == [48]
+    assert [r["scored_px"] for r in per_seed["augment"]] == [32]
+    assert len(record["config"]["final_normalize"][0]) == 3
     # Colour alone separates the classes: augmentation-free training must learn it.
     assert np.mean(ablation["baseline"]["values"]) > 0.75
     for arm in cats_dogs.ARMS:
         assert (out / f"history_{arm}.png").stat().st_size > 1000
+
+
+def test_arms_runs_only_the_chosen_arms(data):
+    out = data / "some"
+    argv = ["--quick", "--data", str(data / "data"), "--out", str(out), "--n-train", "32",
+            "--n-valid", "16", "--seeds", "1", "--arms", "baseline"]  # fmt: skip
+    metrics = cats_dogs.main(argv)
+    assert list(metrics["ablation"]) == ["baseline", "+tta"]
+    assert list(metrics["per_seed"]) == ["baseline"]
+    assert json.loads((out / "results.json").read_text())["config"]["arms"] == ["baseline"]
 
 
 def test_quick_snapshots_compare_m_cycles_with_one_cosine_of_the_same_steps(data):
@@ -74,9 +94,10 @@ def test_quick_snapshots_compare_m_cycles_with_one_cosine_of_the_same_steps(data
     "flags, match",
     [(["--cycles", "2,4"], "need 1"), (["--cycles", "1"], "need 1"),
      (["--cycles", "1,x"], "expected numbers"),
-     (["--cycles", "1,3", "--snapshot-epochs", "4"], "must each divide")],
+     (["--cycles", "1,3", "--snapshot-epochs", "4"], "must each divide"),
+     (["--arms", "pseudo"], "pseudo needs mixup"), (["--arms", "final,horse"], "unknown arms")],
 )  # fmt: skip
-def test_bad_cycle_counts_are_refused(data, flags, match, capsys):
+def test_bad_cycles_or_arms_are_refused(data, flags, match, capsys):
     argv = ["--quick", "--part", "snapshots", "--data", str(data / "data"), "--out",
             str(data / "o"), *flags]  # fmt: skip
     if match == "must each divide":
