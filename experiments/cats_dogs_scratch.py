@@ -32,9 +32,11 @@ The recipe, top to bottom:
    said so in results.json. Wall time per arm is recorded.
 
     python experiments/cats_dogs_scratch.py [--quick] [--data PATH] [--eval-dir DIR]
-        [--arms baseline,augment,mixup,pseudo,final]
+        [--arms baseline,augment,mixup,pseudo,final] [--final-stages 64:100,128:50]
 
 `--arms` runs some of the arms (pseudo needs mixup, whose EMA model is its teacher).
+`--final-stages` sets the final arm's progressive resizing (`--size` and `--epochs` set
+the other arms'): e.g. `--arms final --final-stages 64:100,128:30` for a shorter run.
 Writes results.json and the training curves of seed 0 of each arm (history_*.png).
 
 `--part snapshots` asks whether snapshot ensembles (Huang et al. 2017) pay here: the
@@ -182,6 +184,20 @@ def _cycle_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _stage_list(text: str) -> tuple[tuple[int, int], ...]:
+    """'64:100,128:50' -> ((64, 100), (128, 50)): the final arm's (size px, epochs) stages."""
+    try:
+        stages = tuple(tuple(int(v) for v in t.split(":")) for t in text.split(","))
+    except ValueError:
+        stages = ((),)
+    if not all(len(s) == 2 and s[0] >= 16 and s[1] >= 1 for s in stages):
+        raise argparse.ArgumentTypeError(
+            f"expected SIZE:EPOCHS stages like 64:100,128:50 (size >= 16 px, epochs >= 1), "
+            f"got {text!r}"
+        )
+    return stages
+
+
 def _arm_list(text: str) -> tuple[str, ...]:
     """'final,baseline' -> ('baseline', 'final'): arms to run, in the table's order."""
     chosen = {t.strip() for t in text.split(",")}
@@ -312,6 +328,12 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"ablation: the arms to run, comma-separated ({','.join(ARMS)})",
     )
     parser.add_argument(
+        "--final-stages",
+        type=_stage_list,
+        default=None,
+        help="the final arm's progressive resizing, SIZE:EPOCHS,... (64:100,128:50)",
+    )
+    parser.add_argument(
         "--part",
         choices=("ablation", "snapshots"),
         default="ablation",
@@ -332,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)  # fmt: skip
     started = time.time()
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "n_train", "n_valid", "size", "epochs", "cycles", "snapshot_epochs"):
+    for key in ("seeds", "n_train", "n_valid", "size", "epochs", "cycles", "snapshot_epochs",
+                "final_stages"):  # fmt: skip
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     for key, least in (("size", 16), ("epochs", 1), ("seeds", 1),

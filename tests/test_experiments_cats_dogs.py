@@ -60,11 +60,14 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
 def test_arms_runs_only_the_chosen_arms(data):
     out = data / "some"
     argv = ["--quick", "--data", str(data / "data"), "--out", str(out), "--n-train", "32",
-            "--n-valid", "16", "--seeds", "1", "--arms", "baseline"]  # fmt: skip
+            "--n-valid", "16", "--seeds", "1", "--arms", "baseline",
+            "--final-stages", "24:1,40:2"]  # fmt: skip
     metrics = cats_dogs.main(argv)
     assert list(metrics["ablation"]) == ["baseline", "+tta"]
     assert list(metrics["per_seed"]) == ["baseline"]
-    assert json.loads((out / "results.json").read_text())["config"]["arms"] == ["baseline"]
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["arms"] == ["baseline"]
+    assert config["final_stages"] == [[24, 1], [40, 2]]  # the flag replaces the mode's stages
 
 
 def test_quick_snapshots_compare_m_cycles_with_one_cosine_of_the_same_steps(data):
@@ -95,9 +98,11 @@ def test_quick_snapshots_compare_m_cycles_with_one_cosine_of_the_same_steps(data
     [(["--cycles", "2,4"], "need 1"), (["--cycles", "1"], "need 1"),
      (["--cycles", "1,x"], "expected numbers"),
      (["--cycles", "1,3", "--snapshot-epochs", "4"], "must each divide"),
-     (["--arms", "pseudo"], "pseudo needs mixup"), (["--arms", "final,horse"], "unknown arms")],
+     (["--arms", "pseudo"], "pseudo needs mixup"), (["--arms", "final,horse"], "unknown arms"),
+     (["--final-stages", "64"], "SIZE:EPOCHS"), (["--final-stages", "64:10,128:0"], "SIZE:EPOCHS"),
+     (["--final-stages", "8:10"], "SIZE:EPOCHS"), (["--final-stages", "64:x"], "SIZE:EPOCHS")],
 )  # fmt: skip
-def test_bad_cycles_or_arms_are_refused(data, flags, match, capsys):
+def test_bad_cycles_arms_or_stages_are_refused(data, flags, match, capsys):
     argv = ["--quick", "--part", "snapshots", "--data", str(data / "data"), "--out",
             str(data / "o"), *flags]  # fmt: skip
     if match == "must each divide":
