@@ -28,11 +28,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # bit for bit: both sides compile under the same flags); only run time and fusion-dependent
 # rounding differ from a user's run. And each of the two xdist workers runs its Eigen
 # kernels on one thread, not on two that contend with the other worker's (suite, two pairs
-# of runs on the same hour: 150 -> 142 s, 132 -> 128 s). Where a run's time goes today
-# (2026-12-02, 499 tests, JAX's monitoring events summed over both workers): 276 s of
-# test time, of which 91 s XLA compiles (3,109 programs: 96 train / eval steps 25 s, the
-# rest mostly eager ops of a few ms), 43 s lowering, 33 s tracing; ~9 s more is each
-# worker's start-up and collection. `--xla_cpu_opt_preset=FAST_COMPILE` changed nothing
+# of runs on the same hour: 150 -> 142 s, 132 -> 128 s). Where a run's time goes
+# (2026-12-03, 519 tests, a slow Xeon: a Python loop of 10^7 additions 1.9 s; 226-273 s a
+# run; JAX's monitoring events summed over both workers): 462 s of test time, of which
+# 148 s XLA compiles (1,956 programs: 99 train / eval steps 54 s, 27 model inits 12 s,
+# inference 17 s, eager ops ~20 s), 66 s lowering, 79 s tracing (Flax traces whole
+# networks: 13 s for the 22 weight-conversion templates, 9 s for the parameter counts),
+# and ~170 s running: the subprocess tests ~50 s (each process imports JAX ~2 s and
+# compiles its own programs), 68 figures 24 s, the PyTorch references. Collecting takes
+# 14 s a worker. Tried and dropped: writing bytecode (PYTHONDONTWRITEBYTECODE unset)
+# collects in 9 instead of 14 s once warm, but a fresh clone's two workers compile the
+# same sources at once (whole fresh suites: 273 s writing bytecode, 265 s not); the rbg and
+# unsafe_rbg PRNGs do not compile model inits faster (ResNet-10: 2.3, 2.4, 2.7 s).
+# `--xla_cpu_opt_preset=FAST_COMPILE` changed nothing
 # on top of these flags (the transfer smoke test's compiles 5.2, 5.9 -> 5.4, 5.5 s).
 # `-O1` instead of `-O0` runs elementwise code ~5x faster but compiles slower: on an
 # AVX2-only host, alternating whole suites, 190 and 207 s against 178 and 175 s.
