@@ -77,6 +77,21 @@ def test_each_stage_trains_at_its_size_and_the_run_goes_on_across_stages():
     np.testing.assert_allclose(history["lr"], [schedule(i) for i in range(12)], rtol=1e-6)
 
 
+def test_each_size_can_train_on_its_own_loader_of_copies_stored_at_that_size():
+    state, loader = _run()
+    images, labels = tiny_data()
+    small = ArrayLoader(images[:, 1:7, 1:7], labels, 16, seed=0)  # 6 px copies, same order
+    SEEN.clear()
+    state, history = fit_progressive(
+        state, {6: small, 8: loader}, stages=STAGES,
+        step_for_size=lambda size: make_train_step(), progress=False,  # no resizing
+    )  # fmt: skip
+    jax.effects_barrier()
+    assert SEEN == [(6, 6)] * 4 + [(8, 8)] * 8  # each stage ran on its own loader's images
+    assert int(state.step) == 12
+    np.testing.assert_array_equal(history["epoch"], [0, 1, 2])
+
+
 def test_a_callback_that_stops_at_a_stage_end_ends_the_run():
     state, loader = _run()
     stop = StopAtMetric("train_accuracy", 0.0)  # reached at the end of epoch 0: stage 1's end
@@ -141,10 +156,24 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, stop_at):
         ({"epochs": 3}, r"the stages set \['epochs'\]"),
         ({"step_for_size": None}, "step_for_size must be callable"),
         ({"step_for_size": lambda size: "a step"}, r"step_for_size\(6\) must return"),
+        ({"train_data": {8: "loader"}}, r"loaders for sizes \[8\], none for \[6\]"),
+        (
+            {"train_data": {6: ArrayLoader(*tiny_data(), 8), 8: ArrayLoader(*tiny_data(), 16)}},
+            r"same steps per epoch, got \{6: 8, 8: 4\}",
+        ),
+        (
+            {
+                "train_data": {
+                    6: ArrayLoader(tiny_data()[0][:, :4, :4], tiny_data()[1], 16),
+                    8: ArrayLoader(*tiny_data(), 16),
+                }
+            },
+            r"stage size 6 exceeds the stored images \(4x4\)",
+        ),
     ],
 )
 def test_bad_stages_are_value_errors(kwargs, match):
-    loader = ArrayLoader(*tiny_data(), 16)
-    kwargs = {"stages": STAGES, "step_for_size": _step_for_size, **kwargs}
+    kwargs = {"train_data": ArrayLoader(*tiny_data(), 16), "stages": STAGES,
+              "step_for_size": _step_for_size, **kwargs}  # fmt: skip
     with pytest.raises(ValueError, match=match):
-        fit_progressive(None, loader, progress=False, **kwargs)
+        fit_progressive(None, progress=False, **kwargs)
