@@ -113,6 +113,7 @@ FULL = dict(
 QUICK = dict(size=32, n_train=64, n_valid=40, baseline_epochs=2, epochs=2, seeds=2, batch=16,
              snapshot_epochs=2, cycles=(1, 2), final_stages=((32, 1), (48, 1)))  # fmt: skip
 ARMS = ("baseline", "augment", "mixup", "pseudo", "final")
+MIN_SIZE = 16  # px: cnn_small's 4 max-pools leave 1 px
 PEAK_LR = 3e-3  # fastai's default one-cycle peak for Adam, from scratch
 WEIGHT_DECAY = 0.05  # decoupled (AdamW): 650 images overfit within ~10 epochs without it
 # Augmentation: mirror (cats and dogs are left-right symmetric), a crop of 35-100% of the
@@ -186,15 +187,16 @@ def _cycle_counts(text: str) -> tuple[int, ...]:
 
 def _stage_list(text: str) -> tuple[tuple[int, int], ...]:
     """'64:100,128:50' -> ((64, 100), (128, 50)): the final arm's (size px, epochs) stages."""
+    error = argparse.ArgumentTypeError(
+        f"expected SIZE:EPOCHS stages like 64:100,128:50 (size >= {MIN_SIZE} px, "
+        f"epochs >= 1), got {text!r}"
+    )
     try:
         stages = tuple(tuple(int(v) for v in t.split(":")) for t in text.split(","))
     except ValueError:
-        stages = ((),)
-    if not all(len(s) == 2 and s[0] >= 16 and s[1] >= 1 for s in stages):
-        raise argparse.ArgumentTypeError(
-            f"expected SIZE:EPOCHS stages like 64:100,128:50 (size >= 16 px, epochs >= 1), "
-            f"got {text!r}"
-        )
+        raise error from None
+    if not all(len(s) == 2 and s[0] >= MIN_SIZE and s[1] >= 1 for s in stages):
+        raise error
     return stages
 
 
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "final_stages"):  # fmt: skip
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    for key, least in (("size", 16), ("epochs", 1), ("seeds", 1),
-                       ("snapshot_epochs", 1)):  # fmt: skip  # 16 px: 4 pools -> 1 px
+    for key, least in (("size", MIN_SIZE), ("epochs", 1), ("seeds", 1),
+                       ("snapshot_epochs", 1)):  # fmt: skip
         if cfg[key] < least:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
     if any(cfg["snapshot_epochs"] % m for m in cfg["cycles"]):
