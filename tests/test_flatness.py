@@ -102,7 +102,9 @@ def test_chunked_directions_equal_all_at_once():
     loss, params, _ = _relu_problem()
     a = sharpness(loss, params, jax.random.key(8), radius=0.1, num_directions=5)
     b = sharpness(loss, params, jax.random.key(8), radius=0.1, num_directions=5, batch_size=2)
-    np.testing.assert_allclose(a.per_direction, b.per_direction, rtol=1e-5, atol=1e-7)
+    # Each value is a difference of two float32 losses near 1.4 (ulp 1.2e-7): chunking may
+    # round either loss by an ulp, and the difference carries that rounding whole.
+    np.testing.assert_allclose(a.per_direction, b.per_direction, rtol=1e-5, atol=5e-7)
 
 
 def test_jit_and_vmap_over_models():

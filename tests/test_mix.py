@@ -224,8 +224,10 @@ def _loader(batches):
 
 def test_train_step_mixes_on_the_device_with_smoothing_and_compiles_once():
     images, labels = tiny_data(N)
-    soft = np.eye(3, dtype=np.float32)[labels]
-    soft[0] = [0.2, 0.3, 0.5]  # a batch may bring soft labels of its own; the mix mixes them
+    # A batch may bring soft labels of its own; the mix mixes them. Every row differs, so
+    # the mix changes targets whatever partners the PRNG draws: with one-hot rows, JAX's
+    # default (partitionable) threefry pairs every row within its class here.
+    soft = np.random.default_rng(0).dirichlet(np.ones(3), N).astype(np.float32)
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels), "target": soft}
     mix, smoothing = MixUp(0.4, 3), 0.1
     state = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
