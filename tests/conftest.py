@@ -39,7 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # 14 s a worker. Tried and dropped: writing bytecode (PYTHONDONTWRITEBYTECODE unset)
 # collects in 9 instead of 14 s once warm, but a fresh clone's two workers compile the
 # same sources at once (whole fresh suites: 273 s writing bytecode, 265 s not); the rbg and
-# unsafe_rbg PRNGs do not compile model inits faster (ResNet-10: 2.3, 2.4, 2.7 s).
+# unsafe_rbg PRNGs do not compile model inits faster (ResNet-10: 2.3, 2.4, 2.7 s); three
+# xdist workers instead of two on the 2 cores took 238 s against 217 and 218 s, in turn.
 # `--xla_cpu_opt_preset=FAST_COMPILE` changed nothing
 # on top of these flags (the transfer smoke test's compiles 5.2, 5.9 -> 5.4, 5.5 s).
 # `-O1` instead of `-O0` runs elementwise code ~5x faster but compiles slower: on an
