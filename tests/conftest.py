@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -146,6 +147,13 @@ def write_cats_dogs(tmp_path, monkeypatch, per_class: int, held_per_class: int) 
     write_color_folder(tmp_path / "data" / "cats_and_dogs" / "train", per_class=per_class, seed=0)
     write_color_folder(tmp_path / "held" / "validation", per_class=held_per_class, seed=1)
     return tmp_path
+
+
+def readme_code(section: str) -> str:
+    """The one python block of the README's section under the heading `## {section}`."""
+    text = (REPO / "README.md").read_text().split(f"## {section}")[1].split("## ")[0]
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    return code
 
 
 @pytest.fixture(scope="session")

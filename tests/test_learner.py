@@ -3,7 +3,6 @@ exact resume, export to a fresh process, the README's five lines, and bad input 
 
 import dataclasses
 import json
-import re
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, write_color_folder
+from conftest import REPO, readme_code, write_color_folder
 from PIL import Image
 
 import jaxlearn as jl
@@ -285,9 +284,7 @@ def test_export_refuses_what_a_fresh_process_could_not_rebuild(dls, tmp_path):
 
 
 def test_the_readmes_five_lines_run(folder, tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Five lines")[1].split("## ")[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    code = readme_code("Five lines")
     # The README's folder, size and weights -> the tiny folder, and a tiny model from scratch.
     cache = str(folder / "cache")
     for old, new in (
