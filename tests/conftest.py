@@ -42,6 +42,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # same sources at once (whole fresh suites: 273 s writing bytecode, 265 s not); the rbg and
 # unsafe_rbg PRNGs do not compile model inits faster (ResNet-10: 2.3, 2.4, 2.7 s); three
 # xdist workers instead of two on the 2 cores took 238 s against 217 and 218 s, in turn.
+# A per-worker timeline (2026-12-03, the same host, a 201 s run) shows the two workers
+# equally busy: collection ends at 10 s, and each worker is busy 182 s with 0.2 s of
+# gaps. The last 8 s are the workers' exit, while the controller waits. That is pytest's
+# last gc pass, then JAX's atexit `clear_backends` freeing ~2,000 compiled programs.
+# Skipping it would mean `os._exit` in the workers; that was not done.
 # A mixup or cutmix train step compiles in ~2.4 s against a plain step's 0.9 s (cnn_small,
 # 32 px, these flags): `jax.random.beta` is two gamma rejection loops (1.2 s alone); kept,
 # as another sampler would change every recorded run's random draws.
