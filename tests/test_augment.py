@@ -209,6 +209,8 @@ def test_tta_views_are_stacked_flips_and_shifts():
     # Window moved down 1 and left 1: row r, col c shows the original at (r + 1, c - 1).
     np.testing.assert_array_equal(views[2][:, : H - 1, 1:], images[:, 1:, : W - 1])
     assert aug.tta_views(images, flip=False).shape == (1, N, H, W, C)
+    with pytest.raises(ValueError, match="less than the image size"):
+        aug.tta_views(images, shifts=((0, 0), (0, -W)))  # a view of padding alone
 
 
 @pytest.mark.parametrize(

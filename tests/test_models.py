@@ -183,6 +183,9 @@ def test_bad_names_and_depths_are_errors():
         get_model("resnet19", 10)
     with pytest.raises(ValueError, match="depth must be 6n"):
         CifarResNet(depth=21)
+    for bad in (0, 2.0, True):  # an empty head would fail in Flax's init with 1 / 0
+        with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+            jax.eval_shape(get_model("mlp", bad).init, jax.random.key(0), jnp.zeros((1, 4)))
     assert {"resnet18", "resnet50", "resnet20", "resnet110", "cnn_small", "mlp"} <= set(MODELS)
 
 

@@ -379,6 +379,11 @@ def tta_views(
     if not shifts:
         raise ValueError("shifts must hold at least one (dy, dx)")
     padding = max(abs(int(s)) for shift in shifts for s in shift)
+    if padding >= min(images.shape[1:3]):
+        raise ValueError(
+            f"shifts must move the window by less than the image size {images.shape[1:3]} "
+            f"(a larger one shows only padding), got {tuple(shifts)}"
+        )
     views = []
     for dy, dx in shifts:
         offsets = jnp.full((images.shape[0], 2), padding) + jnp.array([dy, dx])

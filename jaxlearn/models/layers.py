@@ -21,6 +21,7 @@ loop (benchmarks/bench_small_maps.py).
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 from typing import Any
 
@@ -460,6 +461,11 @@ def head(num_classes: int, *, dtype=jnp.float32) -> nn.Dense:
     """The classifier layer every model ends with, named `fc` as in torchvision.
 
     One definition so that `transfer.replace_head` initialises a new head the
-    same way the models do (Flax's LeCun-normal kernel, zero bias).
+    same way the models do (Flax's LeCun-normal kernel, zero bias). A model built
+    with `num_classes` < 1 fails here, when it is first traced, with a ValueError
+    (Flax would otherwise divide by the zero fan-out of an empty kernel).
     """
+    integral = isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
+    if not integral or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, name="fc")
