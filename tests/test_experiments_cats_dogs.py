@@ -30,7 +30,9 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
     ablation = metrics["ablation"]
     assert list(ablation) == ["baseline", "+tta", "+augmentation", "+mixup", "+ema",
                               "+pseudo-labels", "+pseudo-labels +tta",
-                              "final: mixup, progressive resizing", "final (+tta)"]  # fmt: skip
+                              "final: mixup, progressive resizing", "final (+tta)",
+                              "final, tested 1.125x larger",
+                              "final, tested 1.125x larger (+tta)"]  # fmt: skip
     for row in ablation.values():
         assert len(row["values"]) == 1 and all(0 <= v <= 1 for v in row["values"])
         assert row["mean"] == pytest.approx(np.mean(row["values"]))
@@ -49,6 +51,11 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
     # scored on the held-out images stored at 48 px.
     assert record["config"]["final_stages"] == [[32, 1], [48, 1]]
     assert [r["scored_px"] for r in per_seed["final"]] == [48]
+    # And on the same held-out images stored at 54 px (48 x 1.125), normalised as trained.
+    assert record["config"]["final_test_px"] == 54
+    assert ablation["final, tested 1.125x larger (+tta)"]["values"] == [
+        r["upsized_eval_dir_tta"] for r in per_seed["final"]
+    ]
     assert [r["scored_px"] for r in per_seed["augment"]] == [32]
     assert len(record["config"]["final_normalize"][0]) == 3
     # Colour alone separates the classes: augmentation-free training must learn it.
