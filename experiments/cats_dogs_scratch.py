@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
                     for k, v in scores(model.apply, variables, d, arm_pre).items():
                         row[f"{prefix}{name}_{k}"] = v
             row["scored_px"] = arm_sets["valid"].images.shape[1]
+            if arm == "final":
+                row["upsized_px"] = upsized_sets["valid"].images.shape[1]
             row["final_train_loss"] = float(history["train_loss"][-1])
             row["seconds"] = round(time.time() - t0, 1)
             results[arm].append(row)

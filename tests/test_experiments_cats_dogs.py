@@ -53,6 +53,7 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
     assert [r["scored_px"] for r in per_seed["final"]] == [48]
     # And on the same held-out images stored at 54 px (48 x 1.125), normalised as trained.
     assert record["config"]["final_test_px"] == 54
+    assert [r["upsized_px"] for r in per_seed["final"]] == [54]
     assert ablation["final, tested 1.125x larger (+tta)"]["values"] == [
         r["upsized_eval_dir_tta"] for r in per_seed["final"]
     ]
