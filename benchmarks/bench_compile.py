@@ -8,7 +8,7 @@ Adam) in fresh processes (XLA reads XLA_FLAGS once), with the default split and 
 
 - `user`: the project's CPU flags (`runs.YNN_CONV_OFF`), what a script compiles with;
 - `tests`: those plus the suite's compile-fast flags (`runs.FAST_COMPILE`: loop
-  emitters, LLVM -O0, one Eigen thread).
+  emitters, LLVM -O0; and `runs.ONE_EIGEN_THREAD`).
 
 Medians over `--repeats`; writes one JSON.
 
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     models = args.models.split(",")
     user = runs.with_xla_flags([runs.YNN_CONV_OFF], "")
-    tests = runs.with_xla_flags(list(runs.FAST_COMPILE), user)
+    tests = runs.with_xla_flags([*runs.FAST_COMPILE, runs.ONE_EIGEN_THREAD], user)
     record = {"machine": runs.environment(), "repeats": args.repeats, "models": models,
               "flag_sets": {"user": user, "tests": tests}}  # fmt: skip
     for name, flags in (("user", user), ("tests", tests)):

@@ -37,13 +37,15 @@ YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 #: 6.1 s without.
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 #: XLA:CPU flags that compile fast rather than well, for compile-bound runs such as the test
-#: suite (tests/conftest.py has the numbers): legacy loop emitters, LLVM at -O0, one Eigen
-#: thread per process.
+#: suite (tests/conftest.py has the numbers) and --quick runs: legacy loop emitters, LLVM
+#: at -O0.
 FAST_COMPILE = (
     "--xla_cpu_use_fusion_emitters=false",
     "--xla_backend_optimization_level=0",
-    "--xla_cpu_multi_thread_eigen=false",
 )
+#: One Eigen thread per process, for processes that share the cores (the suite's two xdist
+#: workers); a process alone on them gains nothing from it (`compile_fast_when_quick`).
+ONE_EIGEN_THREAD = "--xla_cpu_multi_thread_eigen=false"
 #: LLVM codegen of each program in one piece instead of XLA:CPU's 32 parts on a thread pool:
 #: faster where every core already compiles (benchmarks/bench_compile.py).
 ONE_PIECE_CODEGEN = "--xla_cpu_parallel_codegen_split_count=1"
@@ -55,7 +57,8 @@ def experiment_parser(description: str, *, default_out: str) -> argparse.Argumen
     ``--quick`` switches to the ~10-second mode (a subset, few steps: Radek's
     10-second rule), ``--data`` names the data folder (else ``JAXLEARN_DATA``, else
     ../shared/data), ``--out`` the folder for results.json and figures, and
-    ``--seeds`` how many seeds to run (0, 1, ..., n-1).
+    ``--seeds`` how many seeds to run (0, 1, ..., n-1). A script calls
+    `compile_fast_when_quick(args.quick)` right after parsing them.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="~10-second mode on a subset")
@@ -165,6 +168,48 @@ def with_xla_flags(flags: Sequence[str], xla_flags: str | None = None) -> str:
         if name not in value and jaxlib_knows_flag(flag):
             value = f"{value} {flag}".strip()
     return value
+
+
+def compile_fast_when_quick(quick: bool) -> bool:
+    """In an experiment's --quick mode on the CPU, have XLA compile fast rather than well.
+
+    A quick run takes a few steps of each program, so compiling is most of its time:
+    `cats_dogs_scratch.py --quick --seeds 1` took 51 s with the project's CPU flags and
+    30-31 s with `FAST_COMPILE` added (a 2-core Intel Xeon; one Eigen thread or one-piece
+    codegen on top changed nothing). XLA reads XLA_FLAGS when JAX starts its first
+    backend, so call this right after parsing the flags. Where a backend is already up
+    (a test process, a notebook that ran JAX), or a GPU/TPU plugin is installed and
+    JAX_PLATFORMS does not say "cpu" (LLVM -O0 would slow its kernels), nothing changes.
+    Flags the user set in XLA_FLAGS stay as set (`with_xla_flags`).
+
+    Returns:
+      Whether the flags were put in the environment.
+    """
+    if not quick or _jax_backend_started() or not _cpu_only():
+        return False
+    os.environ["XLA_FLAGS"] = with_xla_flags(FAST_COMPILE)
+    return True
+
+
+def _jax_backend_started() -> bool:
+    """Whether JAX has started a backend (and read XLA_FLAGS); True when it cannot tell.
+
+    jax has no public way to ask; `backends_are_initialized` is its internal one.
+    """
+    from jax._src import xla_bridge
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return True if started is None else bool(started())
+
+
+def _cpu_only() -> bool:
+    """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not importlib.metadata.entry_points(group="jax_plugins") and (
+        importlib.util.find_spec("jax_plugins") is None
+    )
 
 
 def _cpu_model() -> str:

@@ -62,7 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # 377 / 301 s and 350 / 289 s; benchmarks/bench_compile.py).
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ["XLA_FLAGS"] = runs.with_xla_flags(
-        [runs.YNN_CONV_OFF, *runs.FAST_COMPILE, runs.ONE_PIECE_CODEGEN]
+        [runs.YNN_CONV_OFF, *runs.FAST_COMPILE, runs.ONE_EIGEN_THREAD, runs.ONE_PIECE_CODEGEN]
     )
 # The suite is compile-bound (117 of 189 s, serially, are XLA compilations), and
 # JAX's default partitionable threefry makes every model init compile 2.3x slower on CPU

@@ -1,6 +1,7 @@
 """Run records: results.json content and the data-folder precedence."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -75,3 +76,24 @@ def test_with_xla_flags_adds_only_flags_this_jaxlib_defines_and_the_user_did_not
     assert both == f"{device_count} {runs.YNN_CONV_OFF}"
     own = "--xla_cpu_experimental_ynn_fusion_type="  # the user's own value stays
     assert runs.with_xla_flags([runs.YNN_CONV_OFF], own) == own
+
+
+def test_quick_runs_compile_fast_only_before_jax_starts_and_only_on_the_cpu(monkeypatch):
+    import jax
+
+    jax.devices()  # this process's backend is up: XLA has read its flags
+    assert runs._jax_backend_started()  # jax's internal answer, which the function relies on
+    user = "--xla_backend_optimization_level=2"  # the user's own value stays
+    monkeypatch.setenv("XLA_FLAGS", user)
+    assert not runs.compile_fast_when_quick(True)  # too late: nothing changes
+    monkeypatch.setattr(runs, "_jax_backend_started", lambda: False)  # as in a fresh script
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not runs.compile_fast_when_quick(True)  # -O0 would slow a GPU's kernels
+    assert not runs.compile_fast_when_quick(False)
+    assert os.environ["XLA_FLAGS"] == user
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert runs.compile_fast_when_quick(True)
+    assert os.environ["XLA_FLAGS"] == f"{user} --xla_cpu_use_fusion_emitters=false"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert runs.compile_fast_when_quick(True)
+    assert os.environ["XLA_FLAGS"].split() == list(runs.FAST_COMPILE)
