@@ -75,9 +75,9 @@ def main() -> None:
             for arm, flags in arms.items():
                 times[arm].append(_wall_time(script, SCRIPTS.get(script, []), flags))
         row = {arm: {"median_s": statistics.median(t), "runs_s": t} for arm, t in times.items()}
-        row["ratio_fast"] = row["fast"]["median_s"] / row["default"]["median_s"]
-        record["scripts"][script] = row
         fast, default = row["fast"]["median_s"], row["default"]["median_s"]
+        row["ratio_fast"] = fast / default
+        record["scripts"][script] = row
         print(f"{script:20} default {default:6.1f} s, fast {fast:6.1f} s ({fast / default:.2f}x)")
     record["load_average_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(record, indent=1))

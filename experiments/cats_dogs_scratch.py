@@ -365,7 +365,6 @@ def main(argv: list[str] | None = None) -> dict:
         help="snapshots: the budget every M shares, in epochs (200)",
     )
     args = parser.parse_args(argv)  # fmt: skip
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
     started = time.time()
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("seeds", "n_train", "n_valid", "size", "epochs", "cycles", "snapshot_epochs",

@@ -259,7 +259,6 @@ def parse(argv):
     parser.add_argument("--parts", default="ab", choices=("a", "b", "ab"),
                         help="a: 6-image heads, b: 650-image fine-tuning")  # fmt: skip
     args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
     if args.weights and args.imagenette_weights:
         parser.error("--weights and --imagenette-weights name two sources: pass one")
     cfg = dict(QUICK if args.quick else FULL)

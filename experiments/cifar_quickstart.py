@@ -67,9 +67,7 @@ def parse(argv):
     parser.add_argument("--cycle-epochs", type=int, default=1, help="epochs per cycle")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="peak LR (default: the LR finder's valley)")
-    args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

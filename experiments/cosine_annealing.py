@@ -74,9 +74,7 @@ def parse(argv):
     parser.add_argument("--threshold", type=float, help="validation accuracy ending the race")
     parser.add_argument("--race-epochs", type=int, help="most epochs per race run")
     parser.add_argument("--long-epochs", type=int, help="epochs of (B)")
-    args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
-    return args
+    return parser.parse_args(argv)
 
 
 def race_arms(steps_per_epoch: int, epochs: int) -> dict:

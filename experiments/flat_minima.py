@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = runs.experiment_parser(__doc__.splitlines()[0], default_out="runs/flat_minima")
     parser.add_argument("--tfds", default=None, help="tfds name to load instead (e.g. mnist)")
     args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
     started = time.time()
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:

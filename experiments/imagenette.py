@@ -86,7 +86,6 @@ def parse(argv):
         "--weights-out", help=f"weights file for experiment 7 (default OUT/{WEIGHTS_NAME})"
     )
     args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
     cfg = dict(QUICK if args.quick else FULL)
     for key, flag in (("size", "size"), ("epochs", "epochs"), ("batch", "batch_size"),
                       ("seeds", "seeds"), ("train_subset", "train_subset"),

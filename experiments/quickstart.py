@@ -81,7 +81,6 @@ def parse(argv):
     parser.add_argument("--cycles", type=int, help="SGDR cycles (1, 2, 4, ... epochs) = snapshots")
     parser.add_argument("--lr", type=float, help="peak LR (default: the LR finder's valley)")
     args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
     budget = QUICK if args.quick else DEFAULT
     budget = dataclasses.replace(
         budget, seeds=args.seeds or budget.seeds, cycles=args.cycles or budget.cycles

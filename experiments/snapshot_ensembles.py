@@ -61,9 +61,7 @@ def parse(argv):
     parser.add_argument("--cycle-epochs", type=int, help="epochs per cycle")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, default=PEAK_LR, help="peak LR of both arms")
-    args = parser.parse_args(argv)
-    runs.compile_fast_when_quick(args.quick)  # before JAX starts: --quick is compile-bound
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

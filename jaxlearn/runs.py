@@ -51,16 +51,25 @@ ONE_EIGEN_THREAD = "--xla_cpu_multi_thread_eigen=false"
 ONE_PIECE_CODEGEN = "--xla_cpu_parallel_codegen_split_count=1"
 
 
+class _ExperimentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``--quick`` has XLA compile fast (`compile_fast_when_quick`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        compile_fast_when_quick(parsed.quick)
+        return parsed, extras
+
+
 def experiment_parser(description: str, *, default_out: str) -> argparse.ArgumentParser:
     """The flags every experiment script shares; a script adds its own on top.
 
     ``--quick`` switches to the ~10-second mode (a subset, few steps: Radek's
     10-second rule), ``--data`` names the data folder (else ``JAXLEARN_DATA``, else
     ../shared/data), ``--out`` the folder for results.json and figures, and
-    ``--seeds`` how many seeds to run (0, 1, ..., n-1). A script calls
-    `compile_fast_when_quick(args.quick)` right after parsing them.
+    ``--seeds`` how many seeds to run (0, 1, ..., n-1). Parsing ``--quick`` calls
+    `compile_fast_when_quick`, before the script can start JAX.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = _ExperimentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="~10-second mode on a subset")
     parser.add_argument("--data", default=None, help="data folder (default: $JAXLEARN_DATA)")
     parser.add_argument("--out", default=default_out, help="output folder (results.json, PNGs)")
@@ -173,11 +182,11 @@ def with_xla_flags(flags: Sequence[str], xla_flags: str | None = None) -> str:
 def compile_fast_when_quick(quick: bool) -> bool:
     """In an experiment's --quick mode on the CPU, have XLA compile fast rather than well.
 
-    A quick run takes a few steps of each program, so compiling is most of its time:
-    `cats_dogs_scratch.py --quick --seeds 1` took 51 s with the project's CPU flags and
-    30-31 s with `FAST_COMPILE` added (a 2-core Intel Xeon; one Eigen thread or one-piece
-    codegen on top changed nothing). XLA reads XLA_FLAGS when JAX starts its first
-    backend, so call this right after parsing the flags. Where a backend is already up
+    A quick run takes a few steps of each program, so compiling is most of its time: the
+    experiments' --quick runs take 0.58-0.79x the wall time with `FAST_COMPILE`
+    (benchmarks/bench_quick.py; one Eigen thread or one-piece codegen on top changed
+    nothing). XLA reads XLA_FLAGS when JAX starts its first backend, so
+    `experiment_parser`'s parser calls this as it parses. Where a backend is already up
     (a test process, a notebook that ran JAX), or a GPU/TPU plugin is installed and
     JAX_PLATFORMS does not say "cpu" (LLVM -O0 would slow its kernels), nothing changes.
     Flags the user set in XLA_FLAGS stay as set (`with_xla_flags`).

@@ -48,12 +48,16 @@ def test_data_root_precedence(tmp_path, monkeypatch):
         data_root()
 
 
-def test_experiment_parser_shared_flags():
+def test_experiment_parser_shared_flags(monkeypatch):
     from jaxlearn.runs import experiment_parser
 
+    calls = []
+    monkeypatch.setattr(runs, "compile_fast_when_quick", calls.append)
     parser = experiment_parser("x", default_out="runs/x")
     args = parser.parse_args(["--quick", "--seeds", "3"])
     assert args.quick and args.seeds == 3 and args.out == "runs/x" and args.data is None
+    parser.parse_args([])
+    assert calls == [True, False]  # every parse tells it whether the run is quick
 
 
 def test_summarize_gives_the_statistics_of_per_seed_results():
@@ -80,9 +84,11 @@ def test_with_xla_flags_adds_only_flags_this_jaxlib_defines_and_the_user_did_not
 
 def test_quick_runs_compile_fast_only_before_jax_starts_and_only_on_the_cpu(monkeypatch):
     import jax
+    from jax._src import xla_bridge
 
     jax.devices()  # this process's backend is up: XLA has read its flags
-    assert runs._jax_backend_started()  # jax's internal answer, which the function relies on
+    # jax's internal answer, which the function relies on (without it: never fast)
+    assert hasattr(xla_bridge, "backends_are_initialized") and runs._jax_backend_started()
     user = "--xla_backend_optimization_level=2"  # the user's own value stays
     monkeypatch.setenv("XLA_FLAGS", user)
     assert not runs.compile_fast_when_quick(True)  # too late: nothing changes
