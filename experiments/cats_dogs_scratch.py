@@ -141,7 +141,7 @@ TEST_UPSIZE = 1.125
 def load(args, size: int):
     """The labelled training folder, and the --eval-dir folder (None without the flag)."""
     root = runs.data_root(args.data) / "cats_and_dogs"
-    data = load_image_folder(root, "train", size, progress=False)
+    data = load_image_folder(root, "train", size, progress=args.progress)
     if args.eval_dir is None:
         return data, None
     folder = Path(args.eval_dir)
@@ -149,7 +149,7 @@ def load(args, size: int):
         raise FileNotFoundError(f"--eval-dir {folder} is not a folder")
     # FOLDER/CLASS/*: FOLDER is the "split" of its parent; the class names must be ours.
     held = load_image_folder(folder.parent, folder.name, size, class_names=data.class_names,
-                             progress=False)  # fmt: skip
+                             progress=args.progress)  # fmt: skip
     return data, held
 
 
@@ -224,12 +224,12 @@ def _arm_list(text: str) -> tuple[str, ...]:
 
 def train_one(
     model, step, train: ImageArrays, seed: int, cfg: dict, *, steps: int, ema: bool = False,
-    schedule=None, callbacks=(), stages=None,
+    schedule=None, callbacks=(), stages=None, progress: bool = False,
 ):  # fmt: skip
     """One model from scratch for `steps` steps (default schedule one-cycle); (state, history).
 
     With `stages` ((size, epochs) pairs, `steps` their total) the run is progressive
-    (`fit_progressive`) and `step` is `size -> train step`.
+    (`fit_progressive`) and `step` is `size -> train step`. `progress`: a progress bar.
     """
     schedule = S.one_cycle(PEAK_LR, steps) if schedule is None else schedule
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=WEIGHT_DECAY)
@@ -239,12 +239,12 @@ def train_one(
     loader = ArrayLoader(train.images, train.labels, cfg["batch"], seed=seed)
     if stages is not None:
         return fit_progressive(state, loader, stages=stages, step_for_size=step,
-                               callbacks=callbacks, progress=False)  # fmt: skip
-    return fit(state, loader, train_step=step, steps=steps, callbacks=callbacks, progress=False)
+                               callbacks=callbacks, progress=progress)  # fmt: skip
+    return fit(state, loader, train_step=step, steps=steps, callbacks=callbacks, progress=progress)
 
 
 def snapshot_study(model, step, train: ImageArrays, report: ImageArrays, preprocess, cfg: dict,
-                   out: Path) -> dict:  # fmt: skip
+                   out: Path, progress: bool = False) -> dict:  # fmt: skip
     """SGDR snapshot ensembles of M cycles at one budget, against M = 1; the metrics.
 
     Huang et al.'s comparison (issue 13, item 7): for each M of `cfg['cycles']`, the
@@ -252,7 +252,8 @@ def snapshot_study(model, step, train: ImageArrays, report: ImageArrays, preproc
     snapshot at the bottom of each; M = 1 is the single model trained with one cosine
     over the whole budget, the reference every ensemble is held against. Scored on
     `report` without and with flip TTA; writes snapshots_M<M>.png and
-    snapshots_M<M>_tta.png (accuracy against the number of snapshots, seed means).
+    snapshots_M<M>_tta.png (accuracy against the number of snapshots, seed means);
+    `progress`: a progress bar per training.
     """
     total = cfg["snapshot_epochs"] * (len(train) // cfg["batch"])
     arms = {m: S.sgdr(PEAK_LR, total // m, num_cycles=m) for m in cfg["cycles"]}
@@ -264,7 +265,7 @@ def snapshot_study(model, step, train: ImageArrays, report: ImageArrays, preproc
             t0 = time.time()
             capture = CaptureParams(snapshot_steps(schedule))
             train_one(model, step, train, seed, cfg, steps=total, schedule=schedule,
-                      callbacks=[capture])  # fmt: skip
+                      callbacks=[capture], progress=progress)  # fmt: skip
             record = {"seed": seed, "cycle_steps": total // m}
             for v, views_fn in views.items():
                 curve = accuracy_curve(model.apply, capture.snapshots, report.images,
@@ -407,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     aug = augmentation(cfg["size"])
     if args.part == "snapshots":  # the +augmentation arm's recipe under both schedules
         step = make_train_step(augment=aug, preprocess=preprocess)
-        study = snapshot_study(model, step, train, report, preprocess, cfg, Path(args.out))
+        study = snapshot_study(model, step, train, report, preprocess, cfg, Path(args.out),
+                               progress=args.progress)  # fmt: skip
         metrics = {"reported_on": report_name, "report_size": len(report),
                    "majority_class_accuracy": baseline, **study}  # fmt: skip
         runs.write_results(args.out, config=config, metrics=metrics,
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
             ema = arm in ("mixup", "pseudo")
             stages = cfg["final_stages"] if arm == "final" else None
             state, history = train_one(model, step, arm_train, seed, cfg, steps=n_steps, ema=ema,
-                                       stages=stages)  # fmt: skip
+                                       stages=stages, progress=args.progress)  # fmt: skip
             if seed == 0:
                 histories[arm] = history
             weights = {"": state.variables}

@@ -228,14 +228,15 @@ def linear_probe(feats: np.ndarray, labels: np.ndarray, batch: int, seed: int) -
                progress=False)[0]  # fmt: skip
 
 
-def train_scratch(model, random_variables, train_loader, epochs: int, train_step, seed: int):
+def train_scratch(model, random_variables, train_loader, epochs: int, train_step, seed: int,
+                  progress: bool = False):  # fmt: skip
     """The from-scratch arm of (b): the same network, randomly initialised, a new 2-class head,
-    all layers trained with fastai's Adam under one-cycle."""
+    all layers trained with fastai's Adam under one-cycle (`progress`: a progress bar)."""
     schedule = one_cycle(PEAK_LR, epochs * len(train_loader))
     tx = optax.inject_hyperparams(fastai_adam)(learning_rate=schedule)
     model, variables = replace_head(model, random_variables, 2, jax.random.key(seed))
     state = make_state(model, variables, tx, jax.random.key(seed))
-    return fit(state, train_loader, train_step=train_step, epochs=epochs, progress=False)
+    return fit(state, train_loader, train_step=train_step, epochs=epochs, progress=progress)
 
 
 def parse(argv):
@@ -360,13 +361,14 @@ def main(argv: list[str] | None = None) -> dict:
                                     freeze_epochs=cfg["freeze_epochs"], key=jax.random.key(seed),
                                     base_lr=FINE_TUNE_LR, bn=FINE_TUNE_BN,
                                     unfrozen_bn=FINE_TUNE_UNFROZEN_BN, preprocess=preprocess,
-                                    augment=augment, progress=False)  # fmt: skip
+                                    augment=augment, progress=args.progress)  # fmt: skip
             rows["fine_tune"].append(evaluate(state, report_loader, eval_step)["accuracy"])
             accuracy, probs = tta_accuracy(state, report, preprocess)
             rows["fine_tune_tta"].append(accuracy)
             scratch_state, scratch_hist = train_scratch(
-                model, init(jax.random.key(seed), example), loader, total_epochs, train_step, seed
-            )
+                model, init(jax.random.key(seed), example), loader, total_epochs, train_step, seed,
+                progress=args.progress,
+            )  # fmt: skip
             rows["scratch"].append(evaluate(scratch_state, report_loader, eval_step)["accuracy"])
             rows["scratch_tta"].append(tta_accuracy(scratch_state, report, preprocess)[0])
             print(f"(b) seed {seed}: " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in rows.items()))

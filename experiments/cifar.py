@@ -89,8 +89,9 @@ class Splits:
 
 
 def load_splits(
-    args: argparse.Namespace, *, train_size: int, valid_size: int, test_size: int | None, seed=0
-) -> Splits:
+    args: argparse.Namespace, *, train_size: int, valid_size: int, test_size: int | None,
+    seed: int = 0, progress: bool = False,
+) -> Splits:  # fmt: skip
     """Load the data named by the flags and carve a stratified validation set.
 
     The validation set is carved first (`valid_size` images), then the training images
@@ -102,6 +103,7 @@ def load_splits(
       train_size, valid_size, test_size: the sizes (test None: all of it);
         `pick_setup` has already applied the size flags.
       seed: seed of the carve and the subsets.
+      progress: a progress bar while an image folder is decoded.
 
     Returns:
       `Splits`.
@@ -113,8 +115,9 @@ def load_splits(
             raise ValueError(f"--tfds {args.tfds} images are not {IMAGE_SIZE} px")
     else:
         root = source(args)
-        full = load_image_folder(root, "train", IMAGE_SIZE)
-        test = load_image_folder(root, "test", IMAGE_SIZE, class_names=full.class_names)
+        full = load_image_folder(root, "train", IMAGE_SIZE, progress=progress)
+        test = load_image_folder(root, "test", IMAGE_SIZE, class_names=full.class_names,
+                                 progress=progress)  # fmt: skip
     if train_size + valid_size > len(full):
         raise ValueError(
             f"train_size + valid_size = {train_size + valid_size} exceeds the "
@@ -160,12 +163,13 @@ def prepare(args, setup: Setup):
     Returns:
       `(splits, baseline, recipe)`; see `load_splits`, `majority_baseline`, `Recipe`.
     """
-    splits = load_splits(args, train_size=setup.train, valid_size=setup.valid, test_size=setup.test)
+    splits = load_splits(args, train_size=setup.train, valid_size=setup.valid,
+                         test_size=setup.test, progress=args.progress)  # fmt: skip
     baseline = majority_baseline(splits)
     print(f"data: {source(args)}: {sizes(splits)}")
     print(f"baseline (majority class): valid accuracy {baseline['valid_accuracy']:.4f}, "
           f"test accuracy {baseline['test_accuracy']:.4f}")  # fmt: skip
-    return splits, baseline, Recipe(splits, setup.model, setup.batch_size)
+    return splits, baseline, Recipe(splits, setup.model, setup.batch_size, args.progress)
 
 
 def pick_setup(args, default: tuple[str, Setup], quick: Setup, full: Setup | None = None,
@@ -225,9 +229,10 @@ class Recipe:
     one compilation, and so do the SGDR schedules that differ only in cycle length.
     """
 
-    def __init__(self, splits: Splits, model_name: str, batch_size: int):
+    def __init__(self, splits: Splits, model_name: str, batch_size: int, progress: bool = False):
         """Args: splits: the data (normalised with the training set's statistics);
-        model_name: see `build_model`; batch_size: training images per step."""
+        model_name: see `build_model`; batch_size: training images per step;
+        progress: whether `fit` shows a progress bar."""
         mean, std = splits.mean, splits.std
 
         def preprocess(images):
@@ -244,6 +249,7 @@ class Recipe:
         )
         self.valid = ArrayLoader(splits.valid.images, splits.valid.labels, EVAL_BATCH, train=False)
         self.batch_size = batch_size
+        self.progress = progress
 
     def loader(self, splits: Splits, seed: int) -> ArrayLoader:
         """The training loader: shuffled per (seed, epoch), last partial batch dropped."""
@@ -268,7 +274,7 @@ class Recipe:
             eval_data=self.valid,
             eval_step=self.eval_step,
             callbacks=callbacks,
-            **kwargs,
+            **{"progress": self.progress, **kwargs},
         )
 
     def accuracy(self, members: Sequence[dict], data: ImageArrays) -> ensemble.EnsembleCurve:

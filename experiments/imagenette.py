@@ -103,8 +103,9 @@ def load(args, size: int):
         return load_tfds(args.tfds, "train", size=size), load_tfds(args.tfds, "validation",
                                                                     size=size)  # fmt: skip
     root = runs.data_root(args.data) / "imagenette_128"
-    train = load_image_folder(root, "train", size, progress=False)
-    val = load_image_folder(root, "val", size, class_names=train.class_names, progress=False)
+    train = load_image_folder(root, "train", size, progress=args.progress)
+    val = load_image_folder(root, "val", size, class_names=train.class_names,
+                            progress=args.progress)  # fmt: skip
     return train, val
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         loader = ArrayLoader(train.images, train.labels, batch, seed=seed)
         state, history = fit(state, loader, train_step=train_step, epochs=cfg["epochs"],
                              eval_data=valid_loader, eval_step=eval_step,
-                             progress=False)  # fmt: skip
+                             progress=args.progress)  # fmt: skip
         train_s = time.time() - t0
         row = {
             "val_accuracy": evaluate(state, val_loader, eval_step)["accuracy"],

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- 1. data: the folder's train split, a stratified 20% of it as validation.
     root = Path(args.folder) if args.folder else runs.data_root(args.data) / "cats_and_dogs"
-    data = load_image_folder(root, "train", size)
+    data = load_image_folder(root, "train", size, progress=args.progress)
     if budget.images is not None:
         data = subset(data, min(budget.images, len(data)), seed=0)
     train, valid = carve(data, 1 - VALID_PCT, seed=0)

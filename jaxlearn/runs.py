@@ -18,6 +18,7 @@ import mmap
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,12 +52,21 @@ ONE_EIGEN_THREAD = "--xla_cpu_multi_thread_eigen=false"
 ONE_PIECE_CODEGEN = "--xla_cpu_parallel_codegen_split_count=1"
 
 
+#: Most disk the --quick runs' compiled programs may take (`cache_compilations_when_quick`).
+QUICK_COMPILE_CACHE_BYTES = 2**30
+
+
 class _ExperimentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose ``--quick`` has XLA compile fast (`compile_fast_when_quick`)."""
+    """An ArgumentParser whose ``--quick`` has XLA compile fast (`compile_fast_when_quick`)
+    and keep its programs for the next run (`cache_compilations_when_quick`), and whose
+    ``--progress`` defaults to whether stderr is a terminal."""
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
         compile_fast_when_quick(parsed.quick)
+        cache_compilations_when_quick(parsed.quick)
+        if parsed.progress is None:
+            parsed.progress = sys.stderr.isatty()
         return parsed, extras
 
 
@@ -66,14 +76,23 @@ def experiment_parser(description: str, *, default_out: str) -> argparse.Argumen
     ``--quick`` switches to the ~10-second mode (a subset, few steps: Radek's
     10-second rule), ``--data`` names the data folder (else ``JAXLEARN_DATA``, else
     ../shared/data), ``--out`` the folder for results.json and figures, and
-    ``--seeds`` how many seeds to run (0, 1, ..., n-1). Parsing ``--quick`` calls
-    `compile_fast_when_quick`, before the script can start JAX.
+    ``--seeds`` how many seeds to run (0, 1, ..., n-1), ``--progress`` /
+    ``--no-progress`` whether training and decoding show progress bars (default: when
+    stderr is a terminal, so a log written by ``nohup`` stays free of bar redraws).
+    Parsing ``--quick`` calls `compile_fast_when_quick` and
+    `cache_compilations_when_quick`, before the script can start JAX.
     """
     parser = _ExperimentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="~10-second mode on a subset")
     parser.add_argument("--data", default=None, help="data folder (default: $JAXLEARN_DATA)")
     parser.add_argument("--out", default=default_out, help="output folder (results.json, PNGs)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
     return parser
 
 
@@ -198,6 +217,35 @@ def compile_fast_when_quick(quick: bool) -> bool:
         return False
     os.environ["XLA_FLAGS"] = with_xla_flags(FAST_COMPILE)
     return True
+
+
+def cache_compilations_when_quick(quick: bool) -> Path | None:
+    """In an experiment's --quick mode, keep compiled programs on disk for the next run.
+
+    A quick run is meant to be run again and again (Radek's 10-second rule), and most of
+    its time is compiling the same programs each time. With JAX's persistent compilation
+    cache in `default_cache_dir()`/xla (the folder of the decoded-image cache; at most
+    `QUICK_COMPILE_CACHE_BYTES`, least recently used entries deleted first), a second
+    quick run reads them back. The cache key holds the program, XLA_FLAGS and the jax
+    version, so a changed model or flag compiles anew. Only a run whose JAX has not
+    compiled anything yet changes (the cache folder is fixed at the first compilation);
+    a folder the user set (JAX_COMPILATION_CACHE_DIR) is used as set.
+
+    Returns:
+      The cache folder, or None where nothing was set up.
+    """
+    if not quick or _jax_backend_started():
+        return None
+    import jax
+
+    from jaxlearn.data.cache import default_cache_dir
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+        jax.config.update("jax_compilation_cache_max_size", QUICK_COMPILE_CACHE_BYTES)
+        # JAX's default keeps only programs that took over 1 s; at -O0 most take less.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return Path(jax.config.jax_compilation_cache_dir)
 
 
 def _jax_backend_started() -> bool:

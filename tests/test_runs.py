@@ -52,12 +52,24 @@ def test_experiment_parser_shared_flags(monkeypatch):
     from jaxlearn.runs import experiment_parser
 
     calls = []
-    monkeypatch.setattr(runs, "compile_fast_when_quick", calls.append)
+    monkeypatch.setattr(runs, "compile_fast_when_quick", lambda q: calls.append(("fast", q)))
+    monkeypatch.setattr(runs, "cache_compilations_when_quick", lambda q: calls.append(("cache", q)))
     parser = experiment_parser("x", default_out="runs/x")
     args = parser.parse_args(["--quick", "--seeds", "3"])
     assert args.quick and args.seeds == 3 and args.out == "runs/x" and args.data is None
     parser.parse_args([])
-    assert calls == [True, False]  # every parse tells it whether the run is quick
+    # every parse tells both whether the run is quick
+    assert calls == [("fast", True), ("cache", True), ("fast", False), ("cache", False)]
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_experiment_progress_bars_follow_the_terminal_unless_asked(monkeypatch, tty):
+    monkeypatch.setattr(runs, "compile_fast_when_quick", lambda quick: False)
+    monkeypatch.setattr(runs.sys.stderr, "isatty", lambda: tty)
+    parser = runs.experiment_parser("x", default_out="runs/x")
+    assert parser.parse_args([]).progress is tty  # a nohup log gets no bar redraws
+    assert parser.parse_args(["--progress"]).progress is True
+    assert parser.parse_args(["--no-progress"]).progress is False
 
 
 def test_summarize_gives_the_statistics_of_per_seed_results():
@@ -70,6 +82,44 @@ def test_summarize_gives_the_statistics_of_per_seed_results():
     assert s["values"] == [0.9, 0.7, 0.8, 1.0] and summarize([0.5])["std"] == 0.0
     with pytest.raises(ValueError, match="non-empty"):
         summarize([])
+
+
+class _Config:
+    """A stand-in for jax.config: records updates instead of changing this process's jax."""
+
+    def __init__(self, cache_dir):
+        self.jax_compilation_cache_dir, self.updates = cache_dir, {}
+
+    def update(self, name, value):
+        self.updates[name] = value
+        setattr(self, name, value)
+
+
+def test_quick_runs_keep_compiled_programs_in_the_cache_folder_unless_the_user_chose(
+    monkeypatch, tmp_path
+):
+    import jax
+
+    real = jax.config
+    jax.devices()  # this process's backend is up: too late to choose a cache folder
+    assert runs._jax_backend_started()
+    assert runs.cache_compilations_when_quick(True) is None
+    monkeypatch.setattr(runs, "_jax_backend_started", lambda: False)  # as in a fresh script
+    monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path))
+    fresh = _Config(None)
+    monkeypatch.setattr(jax, "config", fresh)
+    assert runs.cache_compilations_when_quick(False) is None and not fresh.updates
+    assert runs.cache_compilations_when_quick(True) == tmp_path / "xla"
+    assert fresh.updates == {
+        "jax_compilation_cache_dir": str(tmp_path / "xla"),
+        "jax_compilation_cache_max_size": runs.QUICK_COMPILE_CACHE_BYTES,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,  # -O0 programs take < 1 s
+    }
+    for name in fresh.updates:  # options this jax has
+        getattr(real, name)
+    chosen = _Config(str(tmp_path / "mine"))  # JAX_COMPILATION_CACHE_DIR: used as set
+    monkeypatch.setattr(jax, "config", chosen)
+    assert runs.cache_compilations_when_quick(True) == tmp_path / "mine" and not chosen.updates
 
 
 def test_with_xla_flags_adds_only_flags_this_jaxlib_defines_and_the_user_did_not_set():
