@@ -87,7 +87,10 @@ def main() -> None:
     unknown = sorted(set(scripts) - {p.stem for p in EXPERIMENTS.glob("*.py")})
     if unknown:
         parser.error(f"no experiment script named {unknown}")
-    if set(arms) - set(ARMS) or ("fast_warm" in arms and "fast_cold" not in arms):
+    warm_first = "fast_warm" in arms and (
+        "fast_cold" not in arms or arms.index("fast_warm") < arms.index("fast_cold")
+    )
+    if set(arms) - set(ARMS) or warm_first:
         parser.error(f"--arms must be among {ARMS}, fast_warm after fast_cold: {arms}")
     user = runs.with_xla_flags([runs.YNN_CONV_OFF, runs.MEMORY_SCHEDULER], "")
     flag_sets = {"default": runs.with_xla_flags(XLA_DEFAULTS, user), "fast": user}

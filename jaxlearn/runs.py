@@ -222,8 +222,9 @@ def compile_fast_when_quick(quick: bool) -> bool:
 def cache_compilations_when_quick(quick: bool) -> Path | None:
     """In an experiment's --quick mode, keep compiled programs on disk for the next run.
 
-    A quick run is meant to be run again and again (Radek's 10-second rule), and most of
-    its time is compiling the same programs each time. With JAX's persistent compilation
+    A quick run is meant to be run again and again (Radek's 10-second rule), and much of
+    its time is compiling the same programs each time (later runs take 0.63-0.90x the
+    first: benchmarks/bench_quick.py). With JAX's persistent compilation
     cache in `default_cache_dir()`/xla (the folder of the decoded-image cache; at most
     `QUICK_COMPILE_CACHE_BYTES`, least recently used entries deleted first), a second
     quick run reads them back. The cache key holds the program, XLA_FLAGS and the jax
