@@ -178,6 +178,19 @@ def test_mlp_flattens_its_input():
     )
 
 
+def test_cnn_presets_take_other_widths_and_refuse_images_too_small_for_their_stages():
+    # The preset's widths are a default: a fifth stage keeps one conv a stage.
+    model = get_model("cnn_small", 2, widths=(4, 8, 8, 8, 16))
+    params = shapes(model, jnp.zeros((1, 32, 32, 3)))["params"]
+    assert sorted(k for k in params if k.startswith("stage")) == [
+        f"stage{i}_{layer}1" for i in range(1, 6) for layer in ("bn", "conv")
+    ]
+    assert params["fc"]["kernel"].shape == (16, 2)
+    # 5 stages halve 32 px to 1 px; at 31 px the last map would be empty (a NaN mean).
+    with pytest.raises(ValueError, match="5 stages needs images of at least 32 px"):
+        shapes(model, jnp.zeros((1, 31, 40, 3)))
+
+
 def test_bad_names_and_depths_are_errors():
     with pytest.raises(ValueError, match="name must be one of"):
         get_model("resnet19", 10)

@@ -21,7 +21,11 @@ from jaxlearn.models.small import CNN_SIZES, MLP, ResNet9, SimpleCNN
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(make_resnet, int(name[6:])) for name in STAGE_SIZES},
     **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
-    **{name: partial(SimpleCNN, widths, convs) for name, (widths, convs) in CNN_SIZES.items()},
+    # By keyword, so `get_model("cnn_small", 2, widths=(...))` overrides the preset's widths.
+    **{
+        name: partial(SimpleCNN, widths=widths, convs_per_stage=convs)
+        for name, (widths, convs) in CNN_SIZES.items()
+    },
     "mlp": MLP,
     "resnet9": ResNet9,
     **{name: partial(make_efficientnet_lite, name) for name in LITE_VARIANTS},

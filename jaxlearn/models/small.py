@@ -38,6 +38,12 @@ class SimpleCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) for NHWC images, or the pooled features."""
+        least = 2 ** len(self.widths)  # each stage halves the side; below this a map is empty
+        if min(x.shape[1:3]) < least:
+            raise ValueError(
+                f"SimpleCNN with {len(self.widths)} stages needs images of at least {least} px, "
+                f"got shape {tuple(x.shape)}"
+            )
         x = jnp.asarray(x, self.dtype)
         for i, width in enumerate(self.widths):
             for j in range(self.convs_per_stage):
