@@ -3,6 +3,7 @@
 import json
 
 import cats_dogs_scratch as cats_dogs
+import jax
 import numpy as np
 import pytest
 from conftest import write_cats_dogs
@@ -58,6 +59,16 @@ def test_quick_ablation_reports_on_the_eval_dir(data):
         r["upsized_eval_dir_tta"] for r in per_seed["final"]
     ]
     assert [r["scored_px"] for r in per_seed["augment"]] == [32]
+    # The final arm trains the network its widths describe, not the other arms' cnn_small.
+    widths = cats_dogs.QUICK["final_widths"]
+    net = cats_dogs.get_model("cnn_small", 2, widths=widths)
+    params = jax.eval_shape(net.init, jax.random.key(0), np.zeros((1, 48, 48, 3)))["params"]
+    assert record["config"]["final_model"] == {
+        "name": "cnn_small",
+        "widths": list(widths),
+        "parameters": sum(map(np.size, jax.tree.leaves(params))),
+    }
+    assert len(widths) == 5
     assert len(record["config"]["final_normalize"][0]) == 3
     # Colour alone separates the classes: augmentation-free training must learn it.
     assert np.mean(ablation["baseline"]["values"]) > 0.75
@@ -108,7 +119,9 @@ def test_quick_snapshots_compare_m_cycles_with_one_cosine_of_the_same_steps(data
      (["--cycles", "1,3", "--snapshot-epochs", "4"], "must each divide"),
      (["--arms", "pseudo"], "pseudo needs mixup"), (["--arms", "final,horse"], "unknown arms"),
      (["--final-stages", "64"], "SIZE:EPOCHS"), (["--final-stages", "64:10,128:0"], "SIZE:EPOCHS"),
-     (["--final-stages", "8:10"], "SIZE:EPOCHS"), (["--final-stages", "64:x"], "SIZE:EPOCHS")],
+     (["--final-stages", "8:10"], "SIZE:EPOCHS"), (["--final-stages", "64:x"], "SIZE:EPOCHS"),
+     (["--final-widths", "32,x"], "channels per stage"),
+     (["--final-widths", "32,0"], "channels per stage")],
 )  # fmt: skip
 def test_bad_cycles_arms_or_stages_are_refused(data, flags, match, capsys):
     argv = ["--quick", "--part", "snapshots", "--data", str(data / "data"), "--out",
@@ -150,7 +163,9 @@ def test_missing_eval_dir_is_a_file_not_found(data):
 
 @pytest.mark.parametrize(
     "flag",
-    [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"], ["--snapshot-epochs", "0"]],
+    [["--size", "8"], ["--epochs", "0"], ["--seeds", "0"], ["--snapshot-epochs", "0"],
+     ["--final-stages", "32:1,16:1"],  # 16 px: below the final network's 5 stages' 32 px
+     ["--final-stages", "16:1", "--final-widths", "8,8,8,8,8"]],
 )  # fmt: skip
 def test_bad_size_epochs_or_seeds_are_rejected_before_any_work(data, flag):
     with pytest.raises(ValueError, match=f"{flag[0]} must be >= "):
