@@ -88,7 +88,7 @@ from jaxlearn.ensemble import (
     snapshot_steps,
 )
 from jaxlearn.loop import CaptureParams, fit
-from jaxlearn.models import get_model
+from jaxlearn.models import SimpleCNN, get_model
 from jaxlearn.pseudo import select_confident, with_pseudo_labels
 from jaxlearn.state import TrainState, ema_variables, with_ema
 from jaxlearn.steps import make_train_step
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
                        ("snapshot_epochs", 1)):  # fmt: skip
         if cfg[key] < least:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
-    least = 2 ** len(cfg["final_widths"])  # each stage halves the side
+    least = SimpleCNN(widths=cfg["final_widths"]).min_size  # checked before any image is decoded
     if (
         args.part == "ablation"
         and "final" in args.arms

@@ -187,6 +187,7 @@ def test_cnn_presets_take_other_widths_and_refuse_images_too_small_for_their_sta
     ]
     assert params["fc"]["kernel"].shape == (16, 2)
     # 5 stages halve 32 px to 1 px; at 31 px the last map would be empty (a NaN mean).
+    assert model.min_size == 32
     with pytest.raises(ValueError, match="5 stages needs images of at least 32 px"):
         shapes(model, jnp.zeros((1, 31, 40, 3)))
 

@@ -35,14 +35,18 @@ class SimpleCNN(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
 
+    @property
+    def min_size(self) -> int:
+        """The smallest image side it takes, in px: each stage halves it (below, a map is empty)."""
+        return 2 ** len(self.widths)
+
     @nn.compact
     def __call__(self, x, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) for NHWC images, or the pooled features."""
-        least = 2 ** len(self.widths)  # each stage halves the side; below this a map is empty
-        if min(x.shape[1:3]) < least:
+        if min(x.shape[1:3]) < self.min_size:
             raise ValueError(
-                f"SimpleCNN with {len(self.widths)} stages needs images of at least {least} px, "
-                f"got shape {tuple(x.shape)}"
+                f"SimpleCNN with {len(self.widths)} stages needs images of at least "
+                f"{self.min_size} px, got shape {tuple(x.shape)}"
             )
         x = jnp.asarray(x, self.dtype)
         for i, width in enumerate(self.widths):
