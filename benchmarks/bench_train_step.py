@@ -275,6 +275,12 @@ TRIED = {
         "Weight gradient as dots (im2col, or 9 shifted dots): isolated 32x32x16 batch 128 "
         "10.1 -> 47-81 ms; with the batch folded into the rows (no input transpose) "
         "13.6 -> 49.2 ms. Dropped.",
+        "Forward convolution as a dot (2026-12-04, Intel Xeon with AVX-512 and AMX): XLA's "
+        "dots are YNNPACK's AVX-512 kernels (2048^3: 285 GFLOP/s, PyTorch 317), but at a "
+        "16-channel layer's im2col shape, [131072, 144] x [144, 16], they reach 91 GFLOP/s "
+        "(PyTorch 103). Isolated 32x32 16->16 at batch 128, forward: Eigen convolution 7.9 ms, "
+        "im2col + dot 40.7 ms, 9 shifted dots 32.6 ms; forward + both gradients 27.4, 61.8, "
+        "101 ms. Dropped.",
         "YNNPACK convolutions (jaxlib's default): isolated forward 32x32 16->16 5.1 ms, "
         "8x8 64->64 4.7 ms vs Eigen 4.8, 1.9 ms; the whole step 2.7x slower. Not used.",
         _STRIDED_TRIED,
