@@ -180,6 +180,11 @@ def test_folder_loader_streams_above_the_budget_and_says_so(folder, monkeypatch,
     _assert_batches_equal(_host(large.epoch(1)), _host(small.epoch(1)))
     with pytest.raises(TypeError, match="worker"):  # a typo is not ignored on either path
         folder_loader(folder, "train", SIZE, BATCH, worker=2)
+    # The host-side random crop exists only when streaming: it streams under any budget.
+    cropped = folder_loader(folder, "train", SIZE, BATCH, budget=3456, crop="random", threads=0)
+    assert isinstance(cropped, StreamLoader) and cropped.crop == "random"
+    with pytest.raises(ValueError, match="crop='random'"):
+        folder_loader(folder, "train", SIZE, BATCH, stream=False, crop="random")
 
 
 def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder, caplog, tmp_path):
@@ -238,6 +243,11 @@ def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder,
         got.get_preds(broken)
     with pytest.raises(TypeError, match="worker"):
         jl.ImageDataLoaders.from_folder(folder, **common, worker=2)
+    cropped = jl.ImageDataLoaders.from_folder(folder, **common, budget=3456, crop="random",
+                                              threads=0)  # fmt: skip
+    assert cropped.streamed and cropped.train.crop == "random"
+    with pytest.raises(ValueError, match="crop='random'"):
+        jl.ImageDataLoaders.from_folder(folder, **common, stream=False, crop="random")
     with pytest.raises(ValueError, match="both be ImageArrays or both"):
         jl.ImageDataLoaders(streamed.train_ds, memory.valid_ds)
     with pytest.raises(ValueError, match="need size="):
@@ -301,6 +311,9 @@ def test_from_tfds_streams_above_the_budget_with_the_same_split_and_batches(tfds
         jl.ImageDataLoaders.from_tfds(NAME, stream=True, data_dir=tfds_dir, progress=False)
     with pytest.raises(TypeError, match="worker"):
         jl.ImageDataLoaders.from_tfds(NAME, worker=2, **common)
+    cropped = jl.ImageDataLoaders.from_tfds(NAME, valid_pct=0.25, budget=4608, crop="random",
+                                            threads=0, **common)  # fmt: skip
+    assert cropped.streamed and cropped.train.crop == "random"
 
 
 class _Recorded(ImageFolderSource):

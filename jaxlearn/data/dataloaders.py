@@ -228,7 +228,8 @@ class ImageDataLoaders:
           stream: True or False forces streaming or decoding; None chooses by `budget`.
           budget: bytes the decoded images may take (default `stream.memory_budget()`).
           **stream_options: `StreamLoader`'s `workers`, `threads`, `prefetch`, `crop`,
-            used when it streams.
+            used when it streams; `crop='random'` streams always (a host-side crop
+            exists only there; `stream=False` with it is a ValueError).
 
         Raises:
           FileNotFoundError: PATH or PATH/TRAIN does not exist.
@@ -238,7 +239,7 @@ class ImageDataLoaders:
           TypeError: a keyword that is none of these.
         """
         _check_valid_pct(valid_pct)
-        check_stream_options(stream_options, "from_folder")
+        stream = check_stream_options(stream_options, "from_folder", stream)
         load = dict(resize=resize, cache_dir=cache_dir, progress=progress)
         carve_it = valid_pct is not None or not Path(path, valid).is_dir()
         if not carve_it:
@@ -313,7 +314,8 @@ class ImageDataLoaders:
             Streaming decodes to one square side: `size`, or the images' own when the
             data set declares them square (cifar10's 32, mnist's 28).
           budget: bytes the decoded images may take (default `stream.memory_budget()`).
-          **stream_options: `StreamLoader`'s `workers`, `threads`, `prefetch`, `crop`.
+          **stream_options: `StreamLoader`'s `workers`, `threads`, `prefetch`, `crop`
+            (`crop='random'` streams always, as in `from_folder`).
 
         Raises:
           ImportError: the data set is not prepared and TensorFlow is missing.
@@ -322,7 +324,7 @@ class ImageDataLoaders:
           TypeError: a keyword that is none of these.
         """
         _check_valid_pct(valid_pct)
-        check_stream_options(stream_options, "from_tfds")
+        stream = check_stream_options(stream_options, "from_tfds", stream)
         carve_it = valid is None or valid_pct is not None
         builder = prepared_builder(name, data_dir)
         features = builder.info.features

@@ -534,14 +534,34 @@ def _parse_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def check_stream_options(options: dict, caller: str) -> None:
-    """TypeError naming the keywords among `options` that `StreamLoader` does not take."""
+def check_stream_options(options: dict, caller: str, stream: bool | None = None) -> bool | None:
+    """Check `StreamLoader` keywords passed through `caller`; `stream`, forced where need be.
+
+    The host-side random crop (`crop='random'`) exists only when streaming: images
+    decoded into memory are already `size` squares. So that it is never dropped on
+    machines where the data set happens to fit the memory budget, it forces
+    streaming (True); the other options (`workers`, `threads`, `prefetch`) only
+    tune the streaming path and change no batch.
+
+    Raises:
+      TypeError: keywords that `StreamLoader` does not take.
+      ValueError: `crop='random'` with `stream=False`.
+    """
     unknown = set(options) - _STREAM_OPTIONS
     if unknown:
         raise TypeError(
             f"{caller} got unexpected keywords {sorted(unknown)} (streaming options: "
             f"{sorted(_STREAM_OPTIONS)})"
         )
+    if options.get("crop") != "random":
+        return stream
+    if stream is False:
+        raise ValueError(
+            f"{caller}: crop='random' crops on the host while streaming, and stream=False "
+            "decodes into memory; use stream=None or True, or with stream=False an on-device "
+            "crop (augment.random_crop, augment.random_resized_crop)"
+        )
+    return True
 
 
 def choose_stream(
@@ -609,7 +629,8 @@ def folder_loader(
       budget: bytes the decoded images may take (default `memory_budget()`).
       progress: `load_image_folder`'s progress bar, when it decodes into memory.
       **stream_options: `StreamLoader`'s own arguments (`workers`, `threads`,
-        `prefetch`, `crop`), used when it streams.
+        `prefetch`, `crop`), used when it streams; `crop='random'` streams always
+        (`check_stream_options`).
 
     Raises:
       TypeError: a keyword that is none of these.
@@ -618,7 +639,7 @@ def folder_loader(
       An `ArrayLoader` or a `StreamLoader`, with the same batches for the same
       seed when no file is broken.
     """
-    check_stream_options(stream_options, "folder_loader")
+    stream = check_stream_options(stream_options, "folder_loader", stream)
     folder, names, paths, _, _ = scan_split(root, split, class_names)
     check_resize(size, resize)
     if choose_stream(folder, len(paths), size, stream=stream, budget=budget):
