@@ -186,6 +186,32 @@ def test_missing_paths_and_empty_data_are_clear_errors(tmp_path):
     (tmp_path / "train" / "a" / "zero.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="no readable image"), pytest.warns(UserWarning):
         _load(tmp_path)
+    # An unlabelled test folder: its files are named, with the layout expected.
+    _solid(tmp_path / "test" / "x.png", RED)
+    with pytest.raises(ValueError, match=r"no image files.*1 files lie directly in it"):
+        _load(tmp_path, "test")
+
+
+def test_files_in_sub_folders_of_a_class_folder_belong_to_the_class(tmp_path):
+    _solid(tmp_path / "train" / "cat" / "top.png", RED)
+    _solid(tmp_path / "train" / "cat" / "batch1" / "deep.png", GREEN)
+    _solid(tmp_path / "train" / "cat" / "batch1" / "more" / "deeper.png", BLUE)
+    _solid(tmp_path / "train" / "cat" / ".hidden" / "skipped.png", RED)
+    _solid(tmp_path / "train" / "dog" / "only" / "nested.png", BLUE)
+    data = _load(tmp_path)
+    assert data.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(data.labels, [0, 0, 0, 1])
+    # sorted by path: batch1/deep, batch1/more/deeper, top
+    np.testing.assert_array_equal(data.images[:3, 0, 0], [GREEN, BLUE, RED])
+
+
+def test_a_cache_that_cannot_be_written_warns_and_returns_the_images(tmp_path):
+    _solid(tmp_path / "train" / "a" / "x.png", RED)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would be")
+    with pytest.warns(UserWarning, match="could not cache"):
+        data = _load(tmp_path, cache=True, cache_dir=blocker / "cache")
+    np.testing.assert_array_equal(data.images[0, 0, 0], RED)
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,9 @@ def load_image_folder(
 ) -> ImageArrays:
     """Load ROOT/SPLIT/CLASS/* as (N, size, size, 3) uint8 images with integer labels.
 
+    Files in sub-folders of a class folder belong to that class (as in torchvision's
+    ImageFolder).
+
     Class names are the sorted sub-folder names of ROOT/train -- for every split,
     when ROOT/train exists, so that each class has the same index in every split
     (a validation folder lacking a class would otherwise shift the labels of the
@@ -115,7 +118,10 @@ def load_image_folder(
     images, labels = images[keep], np.asarray(labels, np.int32)[keep]
     if entry is not None:
         arrays = {"images": images, "labels": labels, "report": np.array(json.dumps(report))}
-        cache_lib.save_arrays(entry, arrays)
+        try:
+            cache_lib.save_arrays(entry, arrays)
+        except OSError as e:  # a read-only or full disk: the cache is only a speed-up
+            warnings.warn(f"could not cache the decoded {folder} in {entry}: {e}", stacklevel=2)
     _warn_skipped(folder, report)
     _check_not_empty(folder, labels)
     return ImageArrays(images, labels, names)
@@ -152,7 +158,13 @@ def scan_split(
         class_names = _class_folders(train)
     names, paths, labels, report = _scan(folder, class_names)
     if not paths:
-        raise ValueError(f"no image files in {folder} (class folders: {list(names)})")
+        loose = report["skipped"].get(_OUTSIDE, 0)
+        where = f"{loose} files lie directly in it, outside any class folder" if loose else ""
+        raise ValueError(
+            f"no image files in the class folders of {folder} (found: {_class_folders(folder)}"
+            f"{'; ' + where if where else ''}): the layout is ROOT/SPLIT/CLASS/*; an "
+            "unlabelled test folder is read as one class, e.g. ROOT/test/unknown/*"
+        )
     return folder, names, paths, labels, report
 
 
@@ -195,15 +207,26 @@ def _scan(
     index = {n: i for i, n in enumerate(names)}
     paths, labels, empty = [], [], []
     for name in found:
-        files = sorted(
-            e.path for e in os.scandir(Path(folder, name)) if e.is_file() and e.name[0] != "."
-        )
+        files = _files_under(Path(folder, name))
         if not files:
             empty.append(name)
         paths += files
         labels += [index[name]] * len(files)
     report = {"total": len(paths) + loose, "skipped": {_OUTSIDE: loose} if loose else {}}
     return names, paths, labels, {**report, "empty_classes": empty}
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file in `folder` and its sub-folders, sorted by path (hidden ones ignored).
+
+    A class folder's sub-folders belong to the class (`cat/batch1/*.jpg`), as in
+    torchvision's ImageFolder; only looking one level down would drop them unsaid.
+    """
+    files = []
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(parent, n) for n in names if not n.startswith(".")]
+    return sorted(files)
 
 
 def _class_folders(folder: Path) -> list[str]:
