@@ -236,6 +236,15 @@ def test_bad_settings_are_value_errors(make, match):
         make()
 
 
+def test_numpy_integer_sizes_are_taken_as_ints():
+    images = jnp.zeros((2, 12, 12, 3))
+    for make in (aug.resize, aug.cutout, lambda s: aug.random_resized_crop(s)):
+        assert make(np.int64(8))(jax.random.key(0), images).shape[1] in (8, 12)
+    assert aug.random_crop(np.int32(2))(jax.random.key(0), images).shape == images.shape
+    with pytest.raises(ValueError, match="size"):
+        aug.resize(True)
+
+
 def test_a_single_image_is_rejected():
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         aug.random_flip()(KEY, _uint8_batch()[0])

@@ -205,6 +205,12 @@ def test_files_in_sub_folders_of_a_class_folder_belong_to_the_class(tmp_path):
     np.testing.assert_array_equal(data.images[:3, 0, 0], [GREEN, BLUE, RED])
 
 
+def test_a_numpy_integer_size_loads_and_caches_as_an_int(tmp_path):
+    _solid(tmp_path / "train" / "a" / "x.png", RED)
+    data = _load(tmp_path, size=np.int64(6), cache=True, cache_dir=tmp_path / "cache")
+    assert data.images.shape == (1, 6, 6, 3)
+
+
 def test_a_cache_that_cannot_be_written_warns_and_returns_the_images(tmp_path):
     _solid(tmp_path / "train" / "a" / "x.png", RED)
     blocker = tmp_path / "not_a_folder"

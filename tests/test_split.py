@@ -57,6 +57,18 @@ def test_images_travel_with_their_labels():
     assert len(train) == 50
 
 
+def test_take_reads_indices_and_boolean_masks_as_numpy_does():
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    data = _data(labels)
+    np.testing.assert_array_equal(data.take([4, 0, -1]).images[:, 0, 0, 0], [4, 0, 5])
+    mask = labels == 1
+    np.testing.assert_array_equal(data.take(mask).images[:, 0, 0, 0], [1, 2, 4])
+    with pytest.raises(ValueError, match=r"shape \(6,\)"):
+        data.take(mask[:4])
+    with pytest.raises(ValueError, match="integers or a boolean mask"):
+        data.take([0.0, 1.0])
+
+
 def test_subset_by_count_and_fraction():
     data = _data(np.arange(100) % 4)
     assert len(subset(data, 10, seed=0)) == 10

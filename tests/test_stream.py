@@ -280,6 +280,8 @@ def test_tfds_source_streams_what_load_tfds_loads_from_prepared_files(tfds_dir):
     assert label == data.labels[5] and len(source) == 24  # the whole split, untouched
     with pytest.raises(IndexError):
         source.take([24])
+    masked = source.take(data.labels == 1)  # a mask selects, as NumPy's indexing does
+    assert masked.labels.tolist() == [1] * int((data.labels == 1).sum())
 
 
 def test_from_tfds_streams_above_the_budget_with_the_same_split_and_batches(tfds_dir, caplog):

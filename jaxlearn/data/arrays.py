@@ -8,6 +8,7 @@ and std for normalization) never depends on where the images came from.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,26 @@ class ImageArrays:
         return len(self.class_names)
 
     def take(self, indices: np.ndarray) -> ImageArrays:
-        """The examples at `indices` (in that order), with the same class names."""
-        indices = np.asarray(indices, dtype=np.int64)
+        """The examples at `indices` (in that order; or where a boolean mask is True)."""
+        indices = as_indices(indices, len(self))
         return ImageArrays(self.images[indices], self.labels[indices], self.class_names)
+
+
+def as_indices(indices: Any, n: int) -> np.ndarray:
+    """`indices` into `n` examples as int64 positions, as NumPy indexing reads them.
+
+    Integers are kept (negative ones count from the end); a boolean mask of length
+    `n` becomes the positions where it is True. (A plain `np.asarray(mask, np.int64)`
+    would turn the mask into 0s and 1s: rows 0 and 1, over and over.)
+
+    Raises:
+      ValueError: a mask of another length, or indices neither integer nor boolean.
+    """
+    indices = np.asarray(indices)
+    if indices.dtype == bool:
+        if indices.shape != (n,):
+            raise ValueError(f"a boolean mask must have shape ({n},), got {indices.shape}")
+        return np.flatnonzero(indices)
+    if indices.size and not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be integers or a boolean mask, got dtype {indices.dtype}")
+    return indices.astype(np.int64)

@@ -89,7 +89,7 @@ def random_crop(padding: int = 4, mode: str = "constant") -> Augment:
       padding: pixels added on each side; the shift is uniform in [-padding, padding].
       mode: 'constant' (zeros) or 'reflect' (mirror without repeating the edge).
     """
-    _check_int(padding, "padding", minimum=0)
+    padding = _check_int(padding, "padding", minimum=0)
     if mode not in _PAD_MODES:
         raise ValueError(f"mode must be one of {_PAD_MODES}, got {mode!r}")
 
@@ -122,7 +122,7 @@ def random_resized_crop(
       scale: (min, max) fraction of the image area, within (0, 1].
       ratio: (min, max) width / height.
     """
-    _check_int(size, "size", minimum=1)
+    size = _check_int(size, "size", minimum=1)
     if not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
     if not 0.0 < ratio[0] <= ratio[1]:
@@ -157,7 +157,7 @@ def resize(size: int) -> Augment:
     Args:
       size: side of the square output (>= 1).
     """
-    _check_int(size, "size", minimum=1)
+    size = _check_int(size, "size", minimum=1)
 
     def apply(key: jax.Array, images: jax.Array) -> jax.Array:
         del key  # deterministic: the key is taken only to be an augmentation
@@ -324,7 +324,7 @@ def cutout(size: int, fill: float = 0.0) -> Augment:
     networks with cutout"): the centre is uniform over the image and the
     square is clipped at the borders (16 px on CIFAR-10 in the paper).
     """
-    _check_int(size, "size", minimum=1)
+    size = _check_int(size, "size", minimum=1)
 
     def apply(key: jax.Array, images: jax.Array) -> jax.Array:
         _check_batch(images)
@@ -461,6 +461,8 @@ def _check_batch(images: jax.Array) -> None:
         raise ValueError(f"images must be a (N, H, W, C) batch, got shape {images.shape}")
 
 
-def _check_int(value: int, name: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(value: int, name: str, *, minimum: int) -> int:
+    """`value` as a Python int (NumPy integers taken), else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)

@@ -90,7 +90,7 @@ def load_image_folder(
       ValueError: bad `size`, `resize`, `workers` or `class_names`; a class
         folder not in `class_names`; no image could be read.
     """
-    check_resize(size, resize)
+    size = check_resize(size, resize)
     if workers is not None and (isinstance(workers, bool) or workers < 1):
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
     folder, names, paths, labels, report = scan_split(root, split, class_names)

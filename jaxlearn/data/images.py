@@ -24,12 +24,16 @@ EMPTY, NOT_IMAGE, CORRUPT, BOMB = "empty file", "not an image", "corrupt", "deco
 _WHITE = (255, 255, 255, 255)
 
 
-def check_resize(size: int, resize: str) -> None:
-    """Raise ValueError unless `size` is a positive int and `resize` a known policy."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+def check_resize(size: int, resize: str) -> int:
+    """`size` as a Python int; ValueError unless it is a positive integer and `resize` a policy.
+
+    NumPy integers are taken (a size schedule built with NumPy yields them); bools are not.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int (the side of the square), got {size!r}")
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+    return int(size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -52,6 +52,7 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
+from jaxlearn.data.arrays import as_indices
 from jaxlearn.data.folders import _warn_skipped, load_image_folder, scan_split
 from jaxlearn.data.images import check_resize, decode_file, resize_array
 from jaxlearn.data.loader import ArrayLoader, epoch_order
@@ -117,7 +118,7 @@ class ImageFolderSource:
         What a carved split (`carve_indices` on `labels`) streams; the folder's
         report stays the whole folder's.
         """
-        indices = np.asarray(indices, np.int64)
+        indices = as_indices(indices, len(self.labels))
         part = copy.copy(self)
         part.labels = self.labels[indices]  # NumPy's IndexError for an index out of range
         part.paths = [self.paths[i] for i in indices]
@@ -219,7 +220,7 @@ class TfdsSource:
 
         The labels are read first (once), as the carved split needs them anyway.
         """
-        indices = np.asarray(indices, np.int64)
+        indices = as_indices(indices, len(self.rows))
         labels = self.labels[indices]  # NumPy's IndexError for an index out of range
         part = copy.copy(self)
         part.rows, part._labels = self.rows[indices], labels
@@ -370,7 +371,7 @@ class StreamLoader:
             multiple of the devices, or more than the training examples), or a
             negative `workers`, `threads` or `prefetch`.
         """
-        check_resize(size, resize)
+        size = check_resize(size, resize)
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         if crop == "random" and not train:
@@ -493,8 +494,8 @@ class SourceImages:
 
     def __init__(self, source, indices, size: int, resize: str = "crop"):
         """The images `indices` of `source`, at `size` px, resized by `resize`."""
-        check_resize(size, resize)
-        self.source, self.indices = source, np.asarray(indices, np.int64)
+        size = check_resize(size, resize)
+        self.source, self.indices = source, as_indices(indices, len(source))
         self.size, self.resize = size, resize
 
     @property
@@ -641,7 +642,7 @@ def folder_loader(
     """
     stream = check_stream_options(stream_options, "folder_loader", stream)
     folder, names, paths, _, _ = scan_split(root, split, class_names)
-    check_resize(size, resize)
+    size = check_resize(size, resize)
     if choose_stream(folder, len(paths), size, stream=stream, budget=budget):
         source = ImageFolderSource(root, split, class_names=names)
         return StreamLoader(

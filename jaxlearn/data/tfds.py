@@ -108,7 +108,7 @@ def load_tfds(
         images of different sizes with `size=None`.
     """
     if size is not None:
-        check_resize(size, resize)
+        size = check_resize(size, resize)
     builder = prepared_builder(name, data_dir)
     source = builder.as_data_source(split=split)
     features = builder.info.features
