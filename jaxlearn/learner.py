@@ -230,7 +230,10 @@ class Learner:
         size=128, augment=...)` after fitting at 64 px (`progressive.fit_progressive` is
         the functional way). The image shape, the resize policy and the train step's
         augmentation become the new data's, so `fit` trains at their size and `predict`
-        prepares images for it.
+        prepares images for it. Fits count epochs from the step count (`loop.fit`), so
+        when the new data has other steps per epoch than divide the steps run so far,
+        the count moves on to the next multiple of them: the next fit starts at an
+        epoch's first batch (the history's steps jump there).
 
         Raises:
           ValueError: data of other classes than the learner's (its head's).
@@ -244,6 +247,10 @@ class Learner:
             self.classes, self.image_shape = tuple(dls.classes), tuple(dls.image_shape)
             self.resize = dls.resize
         self._dls = dls
+        if dls is not None and hasattr(self, "state") and self._step % len(dls.train):
+            per_epoch = len(dls.train)
+            aligned = -(-self._step // per_epoch) * per_epoch
+            self.state = self._resting(self.state.variables, self.state.rng, aligned)
         self.train_step = make_train_step(
             label_smoothing=LOSSES[self.loss], preprocess=self.preprocess,
             augment=dls.augment if dls is not None else None, batch_augment=self.batch_augment,
@@ -359,18 +366,32 @@ class Learner:
                 state, history = restored["state"], restored["history"]
                 if capture:
                     capture.snapshots = restored["snapshots"]
-        state, history = loop.fit(
-            state, self.dls.train, train_step=self.train_step, steps=start + num_steps,
-            eval_data=self.dls.valid, eval_step=self.eval_step, callbacks=callbacks,
-            history=history, progress=self.progress,
-        )  # fmt: skip
-        self._keep(state, history, capture.snapshots if capture else [])
+        # Without a checkpoint, an interrupted fit keeps its finished epochs; with one, the
+        # learner stays where the fit began, so that the same call resumes from the disk.
+        kept = _LastEpoch() if checkpoint is None else None
+        try:
+            state, history = loop.fit(
+                state, self.dls.train, train_step=self.train_step, steps=start + num_steps,
+                eval_data=self.dls.valid, eval_step=self.eval_step,
+                callbacks=callbacks + ([kept] if kept else []), history=history,
+                progress=self.progress,
+            )  # fmt: skip
+        except BaseException:
+            if kept is not None and kept.step is not None:
+                done = sum(s <= kept.step for s in capture.at_steps) if capture else 0
+                snapshots = capture.snapshots[:done] if capture else []
+                self._keep(kept.variables, kept.rng, kept.step, kept.histories[-1], snapshots)
+            raise
+        self._keep(state.variables, state.rng, int(state.step), history,
+                   capture.snapshots if capture else [])  # fmt: skip
 
-    def _keep(self, state: TrainState, history: dict, snapshots: list) -> None:
-        """Take a finished fit's state (resting again), the run's history and new snapshots."""
-        self.history = history
+    def _keep(
+        self, variables: Mapping, rng: jax.Array, step: int, history: dict, snapshots: list
+    ) -> None:
+        """Take a fit's weights (resting again), the run's history and new snapshots."""
+        self.history = {k: np.asarray(v) for k, v in history.items()}
         self.snapshots += snapshots
-        self.state = self._resting(state.variables, state.rng, int(state.step))
+        self.state = self._resting(variables, rng, step)
 
     def fit(
         self,
@@ -382,7 +403,11 @@ class Learner:
     ) -> None:
         """Train `n_epoch` epochs at a constant learning rate (fastai's `fit`).
 
-        The records go to `learn.history`, which `loop.fit` continues as one run.
+        The records go to `learn.history`, which `loop.fit` continues as one run. A fit
+        that does not finish (Ctrl-C, `NonFiniteLossError`) leaves the learner at its
+        last finished epoch (weights, history, snapshots) -- or, with `checkpoint`,
+        where the fit began, so that the same call resumes from the newest checkpoint.
+        The same holds for `fit_one_cycle`, `fit_sgdr` and `fine_tune` (no checkpoint).
 
         Args:
           n_epoch: epochs to train (>= 1).
@@ -489,21 +514,33 @@ class Learner:
           callbacks: `loop.Callback`s for both phases (after the learner's own).
         """
         self._need_data()
-        state, histories = fine_tune(
-            self.model, self.state.variables, self.dls.train, epochs=epochs,
-            key=self.state.rng, base_lr=base_lr, freeze_epochs=freeze_epochs,
-            lr_mult=lr_mult, pct_start=pct_start, div=div, optimizer=self.opt,
-            split_at=self.split_at, bn=self.bn, unfrozen_bn=unfrozen_bn,
-            preprocess=self.preprocess,
-            augment=self.dls.augment, compute_dtype=self.compute_dtype,
-            label_smoothing=LOSSES[self.loss], eval_data=self.dls.valid,
-            callbacks=self._callbacks(callbacks), progress=self.progress, step=self._step,
-        )  # fmt: skip
+        start, kept = self._step, _LastEpoch()
+        try:
+            state, histories = fine_tune(
+                self.model, self.state.variables, self.dls.train, epochs=epochs,
+                key=self.state.rng, base_lr=base_lr, freeze_epochs=freeze_epochs,
+                lr_mult=lr_mult, pct_start=pct_start, div=div, optimizer=self.opt,
+                split_at=self.split_at, bn=self.bn, unfrozen_bn=unfrozen_bn,
+                preprocess=self.preprocess, augment=self.dls.augment,
+                batch_augment=self.batch_augment, compute_dtype=self.compute_dtype,
+                label_smoothing=LOSSES[self.loss], eval_data=self.dls.valid,
+                callbacks=[*self._callbacks(callbacks), kept], progress=self.progress,
+                step=start,
+            )  # fmt: skip
+        except BaseException:  # keep the finished epochs, in the phase they ended in
+            if kept.step is not None:
+                unfrozen = kept.step > start + freeze_epochs * len(self.dls.train)
+                self._frozen = 0 if unfrozen or not freeze_epochs else -1
+                history = self.history
+                for phase_history in kept.histories:
+                    history = _concatenated(history, phase_history)
+                self._keep(kept.variables, kept.rng, kept.step, history, [])
+            raise
         self._frozen = 0
         history = self.history
         for phase in ("frozen", "unfrozen"):
             history = _concatenated(history, histories.get(phase, {}))
-        self._keep(state, history, [])
+        self._keep(state.variables, state.rng, int(state.step), history, [])
 
     def _epochs_to_steps(self, n_epoch: int) -> int:
         self._need_data()
@@ -804,11 +841,39 @@ def _readable_chunks(loader: StreamLoader, size: int):
 
 
 def _concatenated(old: dict, new: dict) -> dict[str, np.ndarray]:
-    """Histories one after the other (their steps and epochs already run on)."""
+    """Histories one after the other (their steps and epochs already run on).
+
+    'time' (seconds since the run's start) of `new` counts on from `old`'s last.
+    """
     out = dict(old)
     for k, v in new.items():
-        out[k] = np.concatenate([old[k], v]) if k in old else np.asarray(v)
+        v = np.asarray(v)
+        if k == "time" and len(old.get(k, ())):
+            v = v + old[k][-1]
+        out[k] = np.concatenate([old[k], v]) if k in old else v
     return out
+
+
+class _LastEpoch(loop.Callback):
+    """The weights and history of the last finished epoch, for a fit that does not finish.
+
+    The next step donates the state's buffers, so the weights are copied (on the
+    device: once an epoch, the size of the model). `histories` holds one entry
+    per `loop.fit` call (`fine_tune`'s two phases), the last of them as it was at
+    that epoch's end.
+    """
+
+    def __init__(self):
+        self.variables, self.rng, self.step = None, None, None
+        self.histories: list[dict] = []
+
+    def on_train_begin(self, step, state, history):
+        self.histories.append({})
+
+    def on_epoch_end(self, step, state, history):
+        self.variables = jax.tree.map(lambda x: x.copy(), state.variables)
+        self.rng, self.step = state.rng.copy(), int(step)
+        self.histories[-1] = loop.history_arrays(history)  # as `loop.fit` returns it
 
 
 def vision_learner(

@@ -27,6 +27,8 @@ BatchNorm in frozen groups, `bn=`:
 
 from __future__ import annotations
 
+import collections
+import inspect
 import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -120,6 +122,45 @@ def layer_groups(params: Mapping, split_at: Sequence[str] = RESNET_SPLIT) -> dic
     return {name: sum(_rank(name) >= r for r in ranks) for name in params}
 
 
+def _check_groups_filled(groups: Mapping[str, int], split_at: Sequence[str], use: str) -> None:
+    """ValueError unless every layer group holds a module: `use` would act on the wrong ones.
+
+    Groups are found by module name (`_rank`), so a model whose head is not named
+    'fc' puts every module in group 0: freezing "all but the head" would freeze
+    everything, and the head's learning rate would go to nothing.
+    """
+    counts = collections.Counter(groups.values())
+    empty = [g for g in range(len(split_at) + 1) if not counts[g]]
+    if empty:
+        raise ValueError(
+            f"layer group(s) {empty} of split_at={tuple(split_at)} hold none of the model's "
+            f"top-level modules {sorted(groups)}, so {use} would act on the wrong layers: "
+            "groups are found by name (the head 'fc', the stages 'layerK' or 'stageK', "
+            "'top_*' between them), so name the model's modules so"
+        )
+
+
+def _check_optimizer(optimizer: Optimizer) -> None:
+    """ValueError unless `optimizer` takes its rate as `learning_rate`.
+
+    `optax.inject_hyperparams`, which makes the rate a schedule the step can report,
+    passes it by that name (as optax's own factories call it).
+    """
+    if not callable(optimizer):
+        raise ValueError(f"optimizer must be a factory `learning_rate -> tx`, got {optimizer!r}")
+    try:
+        inspect.signature(optimizer).bind(learning_rate=1.0)
+    except TypeError:
+        raise ValueError(
+            f"the optimizer factory {optimizer!r} must take its rate as `learning_rate` "
+            "(optax.inject_hyperparams passes it by that name), e.g. `lambda learning_rate: "
+            "optax.sgd(learning_rate, momentum=0.9)` or functools.partial(optax.sgd, "
+            "momentum=0.9)"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): the call will tell
+        pass
+
+
 def discriminative_factors(lo: float, hi: float, num_groups: int) -> tuple[float, ...]:
     """Per-group multipliers of the head's learning rate, spread geometrically from lo/hi to 1.
 
@@ -173,6 +214,8 @@ def param_labels(
     if not -num_groups <= n <= num_groups:
         raise ValueError(f"n must be in [{-num_groups}, {num_groups}], got {n}")
     n = n % num_groups if n < 0 else n
+    if n:
+        _check_groups_filled(groups, split_at, f"freezing the first {n} group(s)")
     flat = traverse_util.flatten_dict(dict(params))
     norms = {path[:-1] for path in flat if path[-1] == "scale"}  # BatchNorm (or other norm) layers
 
@@ -213,7 +256,7 @@ def freeze_to(
       n: number of leading groups to freeze (negative counts from the end).
       optimizer: `learning_rate -> GradientTransformation`, e.g. `optax.adam` or
         `functools.partial(optax.sgd, momentum=0.9)`; its argument must be named
-        `learning_rate` for the rate to be reported.
+        `learning_rate` (`optax.inject_hyperparams` passes it by name).
       learning_rate: float or schedule of the last group (the head).
       lr_factors: per-group multipliers, e.g. `discriminative_factors(lo, hi, 3)`;
         default 1 for every group.
@@ -233,6 +276,9 @@ def freeze_to(
     factors = tuple(lr_factors) if lr_factors is not None else (1.0,) * num_groups
     if len(factors) != num_groups or not all(f > 0 for f in factors):
         raise ValueError(f"lr_factors must be {num_groups} positive numbers, got {lr_factors}")
+    if len(set(factors)) > 1:
+        _check_groups_filled(layer_groups(params, split_at), split_at, "per-group rates")
+    _check_optimizer(optimizer)
     used = set(jax.tree.leaves(labels))
     build = optimizer if _injects(optimizer) else optax.inject_hyperparams(optimizer)
     transforms = {
@@ -434,6 +480,7 @@ def fine_tune(
     unfrozen_bn: str = "train",
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    batch_augment: Callable[[jax.Array, dict], dict] | None = None,
     compute_dtype: Any = None,
     label_smoothing: float = 0.0,
     eval_data=None,
@@ -477,6 +524,8 @@ def fine_tune(
       preprocess: images -> float images for train and eval steps
         (`jaxlearn.pretrained.imagenet_normalize` for ImageNet weights).
       augment: `(key, images) -> images` for training.
+      batch_augment: `(key, batch) -> batch` after `preprocess`, e.g. `MixUp(0.4, C)`
+        (`make_train_step`), in both phases.
       compute_dtype: e.g. `jnp.bfloat16` for mixed precision.
       label_smoothing: of the training loss (`make_train_step`).
       eval_data: evaluation loader, evaluated at each epoch's end.
@@ -512,7 +561,7 @@ def fine_tune(
     # One train step for both phases: each phase's optimizer is its own program.
     train_step = make_train_step(
         label_smoothing=label_smoothing, preprocess=preprocess, augment=augment,
-        compute_dtype=compute_dtype,
+        batch_augment=batch_augment, compute_dtype=compute_dtype,
     )  # fmt: skip
 
     def phase(variables, n, until_step, schedule, factors, key, step):

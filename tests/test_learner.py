@@ -93,6 +93,16 @@ def test_new_data_train_at_their_size_as_fastais_progressive_resizing(folder, dl
     assert learn.train_step is jl.make_train_step(augment=crop)  # the new data's augmentation
     learn.fit(1, 1e-2)
     assert int(learn.state.step) == 2 * len(dls.train) and len(learn.history["loss"]) == 4
+    # Data of other steps per epoch: the count moves on to an epoch boundary of theirs.
+    fewer = jl.ImageDataLoaders.from_folder(
+        folder, size=24, batch_size=5, augment=crop, cache_dir=folder / "cache", progress=False
+    )
+    per_epoch = len(fewer.train)
+    assert (2 * len(dls.train)) % per_epoch  # 4 steps are not whole epochs of 3
+    learn.dls = fewer
+    learn.fit(1, 1e-2)
+    assert int(learn.state.step) % per_epoch == 0 and learn.history["epoch_step"][-1] % 3 == 0
+    assert learn.history["step"][-per_epoch] % per_epoch == 0  # the epoch's first batch
     assert learn.predict(folder / "train" / "cats" / "0.png")[0] in learn.classes  # at 24 px
     write_color_folder(tmp_path / "birds" / "train", names=("birds", "dogs"), per_class=4)
     with pytest.raises(ValueError, match=r"classes \['birds', 'dogs'\] are not the learner's"):
@@ -211,6 +221,32 @@ class _Interrupt(Callback):
     def on_step_end(self, step, state, metrics, history):
         if step == self.at:
             raise KeyboardInterrupt
+
+
+def test_an_interrupted_fit_keeps_its_finished_epochs(dls, tmp_path):
+    one = _learner(dls, tmp_path)
+    one.fit(1, 1e-2)
+    cut = _learner(dls, tmp_path)
+    with pytest.raises(KeyboardInterrupt):  # in the second epoch of two
+        cut.fit(2, 1e-2, callbacks=[_Interrupt(len(dls.train) + 1)])
+    assert int(cut.state.step) == len(dls.train) and _same(cut.state.params, one.state.params)
+    np.testing.assert_array_equal(cut.history["loss"], one.history["loss"])
+    np.testing.assert_array_equal(cut.history["eval_loss"], one.history["eval_loss"])
+    # fine_tune: interrupted in its unfrozen phase, the learner keeps the frozen epoch
+    tuned = _learner(dls, tmp_path)
+    tuned.freeze()
+    with pytest.raises(KeyboardInterrupt):
+        tuned.fine_tune(2, callbacks=[_Interrupt(len(dls.train) + 1)])
+    assert int(tuned.state.step) == len(dls.train) and tuned.frozen == -1
+    assert len(tuned.history["epoch"]) == 1
+
+
+def test_fine_tune_takes_the_batch_augmentation_and_runs_on_one_clock(dls, trained):
+    plain, mixed = _learner(dls), _learner(dls, batch_augment=data.MixUp(0.4, 2))
+    for learn in (plain, mixed):
+        learn.fine_tune(1, freeze_epochs=0)
+    assert not _same(plain.state.params, mixed.state.params)  # MixUp reached the step
+    assert (np.diff(trained.history["time"]) > 0).all()  # seconds since the run's start
 
 
 def test_save_load_and_an_interrupted_checkpointed_fit_resume_exactly(dls, tmp_path):
@@ -349,3 +385,18 @@ def test_bad_input_is_named(folder, dls, tmp_path, monkeypatch):
         _learner(dls, batch_augment=data.CutMix(1.0, 3))
     with pytest.raises(ValueError, match="ensemble=True needs snapshots"):
         learn.get_preds(ensemble=True)
+
+    class Unnamed(nn.Module):  # no module named 'fc': one layer group for all
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Dense(4)(x.reshape(x.shape[0], -1))
+            return nn.Dense(2)(x)
+
+    anonymous = Learner(dls, Unnamed(), progress=False)
+    anonymous.fit(1, 1e-2)  # unfrozen at one rate: fine
+    with pytest.raises(ValueError, match=r"group\(s\) \[1\] .* hold none"):
+        anonymous.freeze()
+    with pytest.raises(ValueError, match="hold none"):
+        anonymous.fit(1, slice(1e-4, 1e-2))
+    with pytest.raises(ValueError, match="must take its rate as `learning_rate`"):
+        _learner(dls, opt=lambda lr: optax.sgd(lr, momentum=0.9))
