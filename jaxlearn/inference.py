@@ -202,9 +202,12 @@ def check_fits(fn: Callable, *args: Any, what: str) -> None:
             fn.trace(*args)
         else:
             jax.eval_shape(fn, *args)
-    except Exception as e:  # any trace error means the input does not fit the model
+    except Exception as e:  # a trace error: the input, or the step's own settings
         message = str(e).split("\n")[0][:500]
-        raise ValueError(f"{what} does not fit the model: {type(e).__name__}: {message}") from e
+        raise ValueError(
+            f"{what} does not fit the model (tracing the step on it failed): "
+            f"{type(e).__name__}: {message}"
+        ) from e
 
 
 def pad_rows(x: Any, size: int) -> Any:

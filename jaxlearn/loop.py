@@ -141,11 +141,18 @@ class CaptureParams(Callback):
             raise ValueError(f"at_steps must be positive step counts, got {sorted(self.at_steps)}")
         self.snapshots: list = list(snapshots or [])
         self.ema = ema
+        self._captured_at: int | None = None
+
+    def on_train_begin(self, step, state, history):
+        if self.ema:
+            ema_variables(state)  # a state without an EMA fails here, not steps later
 
     def on_step_end(self, step, state, metrics, history):
-        if step in self.at_steps:
+        """Capture at the steps asked for; once a step (a `Checkpoint` may ask first)."""
+        if step in self.at_steps and step != self._captured_at:
             live = {"params": state.params, "batch_stats": state.batch_stats}
             self.snapshots.append(jax.device_get(ema_variables(state) if self.ema else live))
+            self._captured_at = step
 
 
 class Checkpoint(Callback):
@@ -181,6 +188,9 @@ class Checkpoint(Callback):
         self.config = json.loads(json.dumps(config)) if config is not None else None
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.last_saved: int | None = None
+        # Set by `fit`: a step save that falls on an epoch's last step waits for that
+        # epoch's record (`on_epoch_end`), so the checkpoint's history holds it.
+        self.steps_per_epoch: int | None = None
 
     def on_train_begin(self, step, state, history):
         latest = self.checkpointer.latest_step()
@@ -217,13 +227,18 @@ class Checkpoint(Callback):
         return bool(self.every_steps) and step % self.every_steps == 0
 
     def on_step_end(self, step, state, metrics, history):
-        if self.needs_history(step):
+        at_epoch_end = self.steps_per_epoch and step % self.steps_per_epoch == 0
+        if self.needs_history(step) and not at_epoch_end:
+            if self.capture is not None:  # its snapshot of this step first, whatever the order
+                self.capture.on_step_end(step, state, metrics, history)
             self.save(step, state, history)
 
     def on_epoch_end(self, step, state, history):
-        if self.every_epochs and len(history["epoch"]) % self.every_epochs == 0:
-            if self.last_saved != step:
-                self.save(step, state, history)
+        epochs_due = self.every_epochs and len(history["epoch"]) % self.every_epochs == 0
+        if (epochs_due or self.needs_history(step)) and self.last_saved != step:
+            if self.capture is not None:
+                self.capture.on_step_end(step, state, {}, history)
+            self.save(step, state, history)
 
     def on_train_end(self, step, state, history):
         if self.last_saved != step:
@@ -463,6 +478,11 @@ def fit(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if (eval_data is None) != (eval_step is None):
         raise ValueError("eval_data and eval_step go together: give both or neither")
+    if eval_data is not None and iter(eval_data) is eval_data:
+        raise ValueError(
+            "eval_data is read at every epoch's end: pass a loader or a list of batches, "
+            "not an iterator or generator (it would be empty after the first epoch)"
+        )
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     steps_per_epoch = len(train_data)
@@ -513,6 +533,9 @@ def fit(
         history["time"].append(time_offset + time.perf_counter() - start)
         return any([c.on_epoch_end(step, state, history) for c in callbacks])
 
+    for c in callbacks:
+        if isinstance(c, Checkpoint):
+            c.steps_per_epoch = steps_per_epoch
     try:
         for c in callbacks:
             c.on_train_begin(step, state, history)

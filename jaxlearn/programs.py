@@ -258,5 +258,6 @@ def merge(static: tuple[Keyed, Keyed | None], fields: tuple, consts: tuple) -> T
 
 
 def with_arrays(fields: tuple, like: TrainState) -> TrainState:
-    """A state of these arrays with the model and optimizer objects of `like`."""
-    return type(like)(**dict(zip(FIELDS, fields, strict=True)), apply_fn=like.apply_fn, tx=like.tx)
+    """`like` with these arrays: its model and optimizer objects, and the fields a
+    subclass adds (which the step does not see), carried over unchanged."""
+    return like.replace(**dict(zip(FIELDS, fields, strict=True)))

@@ -18,6 +18,7 @@ other optimizer runs the same but reports no `lr`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -128,6 +129,11 @@ def _weights_and_checks(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.
     """
     labels = batch["label"]
     mask = batch.get("mask")
+    rows = batch["image"].shape[0] if "image" in batch else labels.shape[0]
+    # (N, 1) labels would broadcast against (N, C) logits into an (N, N) loss: refuse.
+    if labels.shape != (rows,) or (mask is not None and mask.shape != (rows,)):
+        shapes = {k: tuple(batch[k].shape) for k in ("image", "label", "mask") if k in batch}
+        raise ValueError(f"batch 'label' (and 'mask') must have shape ({rows},), got {shapes}")
     weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     bad = (labels < 0) | (labels >= num_classes)
     if "target" in batch:
@@ -135,6 +141,10 @@ def _weights_and_checks(batch: Batch, num_classes: int) -> tuple[jax.Array, jax.
         off = jnp.abs(jnp.sum(target, -1) - 1.0) > TARGET_TOLERANCE
         bad = bad | off | jnp.any(target < 0, -1)
     return weights, jnp.sum(bad & (weights > 0), dtype=jnp.int32)
+
+
+def _dead() -> None:
+    """A reference to nothing: no state returned yet, or another state came in."""
 
 
 class _Compiled:
@@ -153,8 +163,9 @@ class _Compiled:
         self._replicated = replicated = replicated_sharding(self.mesh)
         self._batch_sharding = batch_sharding(self.mesh)
         self._placed: dict[int, tuple] = {}
-        # What the last returned state was made of: (tx, apply_fn, params, opt_state), keys, consts.
-        self._last: tuple = ((None,) * 4, None, None)
+        # The last returned state, weakly (holding it would keep its buffers alive after the
+        # caller drops it: a model's weights and optimizer state), with its keys and consts.
+        self._last: tuple = (_dead, None, None)
         self._jitted = jax.jit(
             self._run,
             static_argnums=0,
@@ -170,24 +181,22 @@ class _Compiled:
         return out
 
     def _args(self, state: TrainState, batch: Batch) -> tuple:
-        (tx, apply_fn, params, opt_state), static, consts = self._last
-        if (
-            state.params is params
-            and state.opt_state is opt_state
-            and state.tx is tx
-            and state.apply_fn is apply_fn
+        last, static, consts = self._last
+        last = last()
+        if last is not None and all(
+            getattr(state, f) is getattr(last, f) for f in ("params", "opt_state", "tx", "apply_fn")
         ):
             fields = programs.arrays(state)  # the state this step returned: placed, same keys
         else:
             static = programs.static_of(state)
             consts = self._place(programs.consts_of(state))
             fields = self._on_mesh(programs.arrays(state))
-            self._last = ((None,) * 4, static, consts)
+            self._last = (_dead, static, consts)
         return static, fields, consts, self._batch_on_mesh(batch)
 
     def _returned(self, new: TrainState) -> None:
         """Remember the state just returned: its next call skips the key lookup."""
-        self._last = ((new.tx, new.apply_fn, new.params, new.opt_state), *self._last[1:])
+        self._last = (weakref.ref(new), *self._last[1:])
 
     def _on_mesh(self, fields: tuple) -> tuple:
         """The state's arrays replicated on the mesh, as the step returns them.

@@ -135,6 +135,20 @@ def test_bad_batches_and_labels_fail_before_training():
     with pytest.raises(ValueError, match="does not fit the model"):
         fit(state, gray, train_step=make_train_step(), steps=2, progress=False)
     assert int(state.step) == 0  # failed before any step (nothing donated)
+    # (N, 1) labels would broadcast into an (N, N) loss: refused wherever a batch enters.
+    column = [{"image": images[:16], "label": labels[:16, None]}]
+    with pytest.raises(ValueError, match=r"must have shape \(16,\)"):
+        evaluate(state, column, make_eval_step())
+    with pytest.raises(ValueError, match=r"must have shape \(16,\)"):
+        make_train_step()(state, column[0])
+    once = iter([{"image": images[:16], "label": labels[:16]}])
+    with pytest.raises(ValueError, match="not an iterator"):
+        fit(state, ArrayLoader(images, labels, 16), train_step=make_train_step(), epochs=2,
+            eval_data=once, eval_step=make_eval_step(), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="no EMA"):
+        fit(state, ArrayLoader(images, labels, 16), train_step=make_train_step(), epochs=2,
+            callbacks=[CaptureParams([1], ema=True)], progress=False)  # fmt: skip
+    assert int(state.step) == 0 and not state.params["Dense_0"]["kernel"].is_deleted()
     out_of_range = ArrayLoader(images, labels + 1, 16)  # class 3 of a 3-class model
     with pytest.raises(ValueError, match="labels outside"):
         fit(state, out_of_range, train_step=make_train_step(), steps=2, progress=False)
@@ -185,9 +199,12 @@ class _Epochs(Callback):
 def test_resume_at_an_epoch_boundary_runs_the_epoch_callbacks(tmp_path):
     state, loader, step = make_run()
     ckpt = Checkpointer(tmp_path / "run")
-    # every_steps=4 saves at the epoch's last step, before the epoch's record exists.
-    fit(state, loader, train_step=step, steps=4, callbacks=[Checkpoint(ckpt, every_steps=4)],
-        progress=False)  # fmt: skip
+    # A checkpoint at the epoch's last step written before the epoch's record existed
+    # (by hand, or by a Checkpoint used outside `fit`).
+    state, history = fit(state, loader, train_step=step, steps=4, progress=False)
+    per_step = ("step", "loss", "accuracy", "lr")
+    ckpt.save(state, history={k: v if k in per_step else v[:0] for k, v in history.items()})
+    ckpt.wait()
     restored = ckpt.restore(make_run()[0])
     assert len(restored["history"]["epoch"]) == 0 and int(restored["state"].step) == 4
     epochs = _Epochs()
@@ -195,6 +212,22 @@ def test_resume_at_an_epoch_boundary_runs_the_epoch_callbacks(tmp_path):
                      history=restored["history"], callbacks=[epochs], progress=False)  # fmt: skip
     assert epochs.epochs == [(4, 0), (8, 1)]  # epoch 0's record, then epoch 1's
     np.testing.assert_array_equal(history["epoch"], [0, 1])
+
+
+def test_a_step_save_at_an_epoch_end_holds_the_epoch_and_the_snapshot_in_any_order(tmp_path):
+    for i, first in enumerate(("checkpoint", "capture")):
+        state, loader, step = make_run()  # 4 steps an epoch
+        ckpt = Checkpointer(tmp_path / str(i))
+        capture = CaptureParams([4, 8])
+        saver = Checkpoint(ckpt, every_steps=4, capture=capture)
+        order = [saver, capture] if first == "checkpoint" else [capture, saver]
+        _, history = fit(state, loader, train_step=step, epochs=2, callbacks=order,
+                         progress=False)  # fmt: skip
+        restored = ckpt.restore(make_run()[0])
+        assert ckpt.all_steps() == [4, 8] and len(restored["snapshots"]) == 2
+        np.testing.assert_array_equal(restored["history"]["epoch"], [0, 1])
+        np.testing.assert_array_equal(restored["history"]["train_loss"], history["train_loss"])
+        assert len(capture.snapshots) == 2  # captured once a step, not twice
 
 
 def test_a_history_that_starts_later_gets_its_last_epoch_once():

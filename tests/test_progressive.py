@@ -122,7 +122,7 @@ class _StopAt(Callback):
         return step == self.step
 
 
-@pytest.mark.parametrize("stop_at", [4, 10])  # stage 1's end (no epoch 0 record yet); in 2
+@pytest.mark.parametrize("stop_at", [4, 10])  # stage 1's end (saved with its epoch); in 2
 def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, stop_at):
     state, loader = _run()
     ckpt = Checkpointer(tmp_path)
@@ -130,7 +130,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path, stop_at):
                     callbacks=[Checkpoint(ckpt, every_steps=2), _StopAt(stop_at)])  # fmt: skip
     assert ckpt.latest_step() == stop_at
     restored = ckpt.restore(_run()[0])
-    assert len(restored["history"]["epoch"]) == {4: 0, 10: 2}[stop_at]
+    assert len(restored["history"]["epoch"]) == {4: 1, 10: 2}[stop_at]
     resumed = fit_progressive(
         restored["state"], loader, stages=STAGES, step_for_size=_step_for_size,
         history=restored["history"], callbacks=[Checkpoint(ckpt, every_steps=2)], progress=False,

@@ -195,6 +195,37 @@ def test_steps_compile_once_per_program_not_per_optimizer_object():
     assert step.cache_size() == 4  # constant LR (the warm-up), the SGDR runs, Adam, SGDR at 0.2
 
 
+def test_a_step_keeps_no_state_alive_once_its_caller_drops_it():
+    import gc
+    import weakref
+
+    state, loader, _ = make_run()
+    step = make_train_step.__wrapped__()
+    batch = next(iter(loader.epoch(0)))
+    state, _ = step(state, batch)
+    again, _ = step(state, batch)  # the fast path: the state it returned comes back
+    leaf = weakref.ref(jax.tree.leaves(again.opt_state)[0])
+    del state, again
+    gc.collect()
+    assert leaf() is None  # freed: the step object held only a weak reference
+
+
+def test_a_train_state_subclass_keeps_its_own_fields_through_a_step():
+    import dataclasses
+
+    from flax import struct
+
+    @struct.dataclass
+    class Tagged(TrainState):
+        tag: str = struct.field(pytree_node=False, default="")
+
+    state, loader, step = make_run()
+    tagged = Tagged(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
+                    tag="seed 0")  # fmt: skip
+    new, _ = step(tagged, next(iter(loader.epoch(0))))
+    assert type(new) is Tagged and new.tag == "seed 0" and int(new.step) == 1
+
+
 def test_the_same_arguments_give_the_same_step():
     flip = lambda key, x: x
     assert make_train_step(weight_decay=0.1, augment=flip) is make_train_step(
