@@ -76,8 +76,22 @@ def unstack(stacked: PyTree) -> list[PyTree]:
 
 
 def _as_stacked(members: Sequence[PyTree] | PyTree) -> PyTree:
-    """A list of snapshots is stacked; a pytree is taken as already stacked."""
-    return stack(members) if isinstance(members, list | tuple) else members
+    """A list of snapshots is stacked; a pytree is taken as already stacked.
+
+    Raises:
+      ValueError: a pytree whose leaves do not share a leading (member) axis, such
+        as one model's variables: they would fail later, blamed on the images.
+    """
+    if isinstance(members, list | tuple):
+        return stack(members)
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(members)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "members must be a list of variables pytrees, or one pytree stacked along a "
+            f"leading member axis (`stack`); got a pytree whose leaves lead with {sizes}: "
+            "one model's variables? pass [variables]"
+        )
+    return members
 
 
 def member_logits(

@@ -161,7 +161,9 @@ def dataset_loss(
       batch_size: examples per forward pass; None does all N at once. The chunks run
         one after another (`jaxlearn.inference.map_batches`: the last one zero-padded,
         its padding dropped), so every example counts once.
-      preprocess: applied to each chunk before the model (e.g. uint8 -> float in [0, 1]).
+      preprocess: applied to each chunk before the model; default uint8 -> float in
+        [0, 1], float images unchanged (`inference.default_preprocess`), as the train
+        and eval steps do.
 
     Returns:
       The mean loss, a scalar.
@@ -172,9 +174,7 @@ def dataset_loss(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # Inside jit and vmap: the pure forward pass, by identity (no program cache in a trace).
-    spec, consts = forward_spec(
-        apply_fn, images, preprocess=preprocess or (lambda x: x), by_value=False
-    )
+    spec, consts = forward_spec(apply_fn, images, preprocess=preprocess, by_value=False)
 
     def per_example(chunk):
         x, y = chunk

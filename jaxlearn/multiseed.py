@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxlearn import programs
-from jaxlearn.data.loader import epoch_order
+from jaxlearn.data.loader import check_examples, epoch_order
 from jaxlearn.parallel import to_device
 from jaxlearn.state import TrainState
 
@@ -125,12 +125,9 @@ def train_many(
         raise ValueError(f"seeds must give one seed per model ({n_models}), got {len(seeds)}")
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    images, labels = np.asarray(images), np.asarray(labels)
-    if len(images) != len(labels) or not 1 <= batch_size <= len(images):
-        raise ValueError(
-            f"need as many labels as images and 1 <= batch_size <= {len(images)}, got "
-            f"{len(images)} images, {len(labels)} labels, batch_size {batch_size}"
-        )
+    images, labels = check_examples(images, labels)  # as ArrayLoader checks them
+    if not 1 <= batch_size <= len(images):
+        raise ValueError(f"need 1 <= batch_size <= {len(images)}, got batch_size {batch_size}")
     steps = len(images) // batch_size  # the last partial batch is dropped, as ArrayLoader does
     x, y = to_device(images), to_device(labels, np.int32)  # one copy for all the models
     history: list[dict] = []

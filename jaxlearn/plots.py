@@ -23,6 +23,23 @@ def _pyplot():
     return plt
 
 
+def _ranks(values):
+    """Ranks from 0, ties sharing their mean rank (as `scipy.stats.rankdata`, less 1).
+
+    Spearman's rho is Pearson's r of these; ranking ties by position instead would
+    make it depend on the order of the models.
+    """
+    import numpy as np
+
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.arange(len(values))
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    for start, count in zip(first, counts, strict=True):
+        ranks[order[start : start + count]] = start + (count - 1) / 2
+    return ranks
+
+
 def _finish(fig, path: str | Path | None):
     """Lay out the figure, save it as a PNG when a path is given, return it.
 
@@ -79,7 +96,11 @@ def plot_schedule(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     steps = np.arange(num_steps)
-    values = np.asarray(schedule(steps), np.float64)
+    import jax
+    import jax.numpy as jnp
+
+    # vmapped: some optax schedules (cosine_onecycle_schedule) take only a scalar count
+    values = np.asarray(jax.vmap(schedule)(jnp.asarray(steps)), np.float64)
     if cycle_ends is None:
         ask = getattr(schedule, "cycle_ends", None)
         cycle_ends = ask(num_steps=num_steps) if ask is not None else ()
@@ -200,9 +221,8 @@ def plot_sharpness(
         raise ValueError(
             f"sharpness and gap must be 1-D of equal length >= 2, got {x.shape}, {y.shape}"
         )
-    rank = lambda v: np.argsort(np.argsort(v))
     pearson = np.corrcoef(x, y)[0, 1]
-    spearman = np.corrcoef(rank(x), rank(y))[0, 1]
+    spearman = np.corrcoef(_ranks(x), _ranks(y))[0, 1]
     if ax is None:
         fig, ax = _pyplot().subplots(figsize=(5, 4))
     else:

@@ -140,6 +140,8 @@ def test_combiners_by_hand():
         ensemble.combine_logits(logits, "vote")
     with pytest.raises(ValueError, match="combine"):
         ensemble.predict(MODEL.apply, _snapshots(1), IMAGES, combine="max")
+    with pytest.raises(ValueError, match=r"one model's variables\? pass \[variables\]"):
+        ensemble.predict(MODEL.apply, _snapshots(1)[0], IMAGES)
 
 
 def test_accuracy_curve_is_accuracy_of_first_k_ensembles():

@@ -125,6 +125,14 @@ def test_dataset_loss_chunks_count_every_example_once():
     expected = optax.softmax_cross_entropy_with_integer_labels(model.apply(variables, x), y).mean()
     np.testing.assert_allclose(whole, expected, rtol=1e-6)
     np.testing.assert_allclose(chunked, expected, rtol=1e-6)
+    # uint8 images are scaled to [0, 1] by default, as the train and eval steps do
+    pixels = (jnp.abs(x) * 60).astype(jnp.uint8)
+    scaled = model.apply(variables, pixels.astype(jnp.float32) / 255.0)
+    np.testing.assert_allclose(
+        dataset_loss(model.apply, variables, pixels, y),
+        optax.softmax_cross_entropy_with_integer_labels(scaled, y).mean(),
+        rtol=1e-6,
+    )
 
 
 def test_generalization_gap_is_test_minus_train():
@@ -157,5 +165,9 @@ def test_plot_sharpness_reports_correlations(tmp_path):
     assert "Pearson r = 1.00, Spearman ρ = 1.00" in fig.axes[0].get_title()
     fig = plot_sharpness(x, -x)
     assert "Spearman ρ = -1.00" in fig.axes[0].get_title()
+    # ties share their mean rank (scipy.stats.spearmanr): the order of the models is moot
+    ties = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+    for gap in ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.0, 1.0, 0.0, 4.0, 5.0]):
+        assert "Spearman ρ = 0.85" in plot_sharpness(ties, np.array(gap)).axes[0].get_title()
     with pytest.raises(ValueError, match="sharpness"):
         plot_sharpness(x, x[:3])

@@ -93,6 +93,11 @@ def test_bad_arguments_raise():
         train_many(
             states, images, labels + 5, train_step=make_train_step(jit=False), seeds=SEEDS, **kw
         )
+    pure = make_train_step(jit=False)
+    with pytest.raises(ValueError, match="integer array"):  # not truncated to integers
+        train_many(states, images, labels + 0.5, train_step=pure, seeds=SEEDS, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_many(states, images, labels, train_step=pure, seeds=SEEDS, batch_size=0, epochs=1)
 
 
 def test_the_data_is_on_the_device_once_however_many_models(monkeypatch):

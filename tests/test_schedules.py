@@ -559,6 +559,10 @@ def test_plot_schedule_marks_cycle_ends_and_overlays_schedules(tmp_path):
     plots.plot_schedule(S.one_cycle(0.1, 80), 80, ax=ax, label="one cycle")
     plots.plot_schedule(S.constant(0.05), 80, ax=ax, cycle_ends=[39])
     assert len(ax.lines) == 1 + 3 + 1 + 1 + 1
+    onecycle = optax.cosine_onecycle_schedule(80, 0.1)  # takes a scalar count only
+    plots.plot_schedule(onecycle, 80, ax=ax)
+    np.testing.assert_allclose(ax.lines[-1].get_ydata(), [onecycle(i) for i in range(80)],
+                               atol=1e-7)  # fmt: skip
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sgdr", "one cycle"]
 
 

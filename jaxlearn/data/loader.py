@@ -70,19 +70,7 @@ class ArrayLoader:
             most `DEVICE_RESIDENT_BYTES` and the run is a single process (with several
             processes each one feeds its own rows from the host).
         """
-        images, labels = np.asarray(images), np.asarray(labels)
-        if images.ndim < 2 or len(images) == 0:
-            raise ValueError(f"images must be a non-empty (N, ...) array, got shape {images.shape}")
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels must be an integer array of shape ({len(images)},), "
-                f"got {labels.dtype} {labels.shape}"
-            )
-        if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, num_classes={num_classes}), "
-                f"got min {labels.min()} max {labels.max()}"
-            )
+        images, labels = check_examples(images, labels, num_classes)
         self.mesh = mesh or data_mesh()
         self._local = local_batch_size(batch_size, self.mesh)
         if train and batch_size > len(images):
@@ -160,6 +148,32 @@ class ArrayLoader:
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The shuffle of a training epoch: a permutation that depends only on (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def check_examples(
+    images: np.ndarray, labels: np.ndarray, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) as arrays, after checking they are examples a step can train on.
+
+    Raises:
+      ValueError: images not a non-empty (N, ...) array; labels not integers of shape
+        (N,) (float labels would be truncated, (N, 1) ones broadcast); labels outside
+        [0, num_classes) when it is given.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim < 2 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty (N, ...) array, got shape {images.shape}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be an integer array of shape ({len(images)},), "
+            f"got {labels.dtype} {labels.shape}"
+        )
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}), "
+            f"got min {labels.min()} max {labels.max()}"
+        )
+    return images, labels
 
 
 def _take(images: jax.Array, labels: jax.Array, idx: jax.Array, valid, train: bool) -> dict:
