@@ -248,6 +248,11 @@ def test_a_learner_on_a_streamed_folder_trains_and_predicts_as_in_memory(folder,
     assert cropped.streamed and cropped.train.crop == "random"
     with pytest.raises(ValueError, match="crop='random'"):
         jl.ImageDataLoaders.from_folder(folder, **common, stream=False, crop="random")
+    (folder / "val").mkdir()  # a split beside train that valid='valid' would not see
+    carved = {k: v for k, v in common.items() if k != "valid_pct"}
+    with pytest.warns(UserWarning, match=r"\['val'\] lie beside it: pass valid='val'"):
+        jl.ImageDataLoaders.from_folder(folder, **carved, budget=0, threads=0)
+    (folder / "val").rmdir()
     with pytest.raises(ValueError, match="both be ImageArrays or both"):
         jl.ImageDataLoaders(streamed.train_ds, memory.valid_ds)
     with pytest.raises(ValueError, match="need size="):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -242,6 +243,15 @@ class ImageDataLoaders:
         stream = check_stream_options(stream_options, "from_folder", stream)
         load = dict(resize=resize, cache_dir=cache_dir, progress=progress)
         carve_it = valid_pct is not None or not Path(path, valid).is_dir()
+        beside = ("val", "validation", "valid")
+        unused = [d for d in beside if d != valid and Path(path, d).is_dir()]
+        if carve_it and valid_pct is None and unused:
+            warnings.warn(
+                f"{Path(path, valid)} does not exist, so {DEFAULT_VALID_PCT:.0%} of "
+                f"{Path(path, train)} is carved off to validate on, while {unused} lie beside "
+                f"it: pass valid={unused[0]!r} to validate on that split",
+                stacklevel=2,
+            )
         if not carve_it:
             train_dir, valid_dir = Path(path, train), Path(path, valid)
             if train_dir.is_dir():
