@@ -706,8 +706,8 @@ class Learner:
                 raise ValueError(f"{item} cannot be read as an image: {image}")
             return image
         image = np.asarray(item)
-        if image.shape == self.image_shape:
-            return image
+        if image.shape == self.image_shape and image.dtype == np.uint8:
+            return image  # float pixels would pass `preprocess` unscaled: refused below
         if image.ndim == 3 and image.dtype == np.uint8 and image.shape[-1] == channels:
             if height == width:
                 return resize_array(image, height, self.resize)
@@ -798,7 +798,12 @@ def _metric_functions(metrics: Sequence[str | Callable]) -> dict[str, Callable]:
         if isinstance(m, str) and m in METRICS:
             out[m] = METRICS[m]
         elif callable(m):
-            out[getattr(m, "__name__", type(m).__name__)] = m
+            name = getattr(m, "__name__", type(m).__name__)
+            if name in out:  # e.g. two functools.partial objects: one would replace the other
+                raise ValueError(
+                    f"two metrics are named {name!r}: give each function its own __name__"
+                )
+            out[name] = m
         else:
             raise ValueError(f"metrics must be names in {sorted(METRICS)} or functions, got {m!r}")
     return out

@@ -377,10 +377,17 @@ def test_bad_input_is_named(folder, dls, tmp_path, monkeypatch):
         learn.predict(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match="no image file"):
         learn.predict(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"uint8 array .* got float32 \(16, 16, 3\)"):
+        learn.predict(np.full((SIZE, SIZE, 3), 200.0, np.float32))  # 0-255 floats: refused
     with pytest.raises(ValueError, match=r"slice\(lo, hi\)"):
         learn.fit(1, slice(1e-3))
     with pytest.raises(ValueError, match="metrics must be"):
         _learner(dls, metrics=("f1",))
+    import functools
+
+    top = lambda probs, labels, k: float(np.mean(np.argsort(-probs)[:, :k] == labels[:, None]))
+    with pytest.raises(ValueError, match="two metrics are named 'partial'"):
+        _learner(dls, metrics=(functools.partial(top, k=1), functools.partial(top, k=2)))
     with pytest.raises(ValueError, match=r"targets of 3 classes, the data has 2"):
         _learner(dls, batch_augment=data.CutMix(1.0, 3))
     with pytest.raises(ValueError, match="ensemble=True needs snapshots"):
