@@ -254,7 +254,7 @@ def parse(argv):
     parser.add_argument("--eval-dir", help="held-out folder with one sub-folder per class")
     parser.add_argument("--size", type=int, help="image side in px (full: the weights' own)")
     parser.add_argument("--draws", type=int, help="random 6-image draws for (a) (full 50)")
-    parser.add_argument("--epochs", type=int, help="unfrozen fine-tuning epochs for (b) (full 3)")
+    parser.add_argument("--epochs", type=int, help="unfrozen fine-tuning epochs for (b) (full 2)")
     parser.add_argument("--n-train", type=int, help="training images (650)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the 650-image draw")
     parser.add_argument("--parts", default="ab", choices=("a", "b", "ab"),
