@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from jaxlearn.data.augment import tta_views
 from jaxlearn.inference import apply_batched
@@ -103,6 +104,8 @@ def member_logits(
     batch_size: int = 256,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     member_batch: int | None = None,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Logits of every member on every view of every image, shape (M, V, N, C).
 
@@ -120,6 +123,8 @@ def member_logits(
       preprocess: ``images -> float images``, as in training (default uint8 -> [0, 1]).
       member_batch: members vmapped at once; None: all of them on an accelerator, one
         at a time on CPU (see `jaxlearn.inference.apply_batched`).
+      compute_dtype: e.g. `jnp.bfloat16`, the precision the members trained in.
+      mesh: devices to split the chunks over (default: all).
 
     Returns:
       A float32 NumPy array (M, V, N, C).
@@ -130,6 +135,7 @@ def member_logits(
     logits = apply_batched(
         apply_fn, _as_stacked(members), images, batch_size=batch_size, preprocess=preprocess,
         views_fn=views_fn, stacked=True, member_batch=member_batch,
+        compute_dtype=compute_dtype, mesh=mesh,
     )  # fmt: skip
     return logits if views_fn is not None else logits[:, None]
 
@@ -182,11 +188,14 @@ def predict(
     batch_size: int = 256,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     member_batch: int | None = None,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Ensemble class probabilities (N, C): every member on every image, then combined.
 
     Args:
-      apply_fn, members, images, batch_size, preprocess, member_batch: as in `member_logits`.
+      apply_fn, members, images, batch_size, preprocess, member_batch, compute_dtype, mesh:
+        as in `member_logits`.
       combine: 'prob' (mean of softmax probabilities, default) or 'logits' (mean logit).
 
     Returns:
@@ -195,7 +204,7 @@ def predict(
     _check_combine(combine)  # before any work
     logits = member_logits(
         apply_fn, members, images, batch_size=batch_size, preprocess=preprocess,
-        member_batch=member_batch,
+        member_batch=member_batch, compute_dtype=compute_dtype, mesh=mesh,
     )  # fmt: skip
     return combine_logits(logits[:, 0], combine)
 
@@ -209,6 +218,8 @@ def predict_tta(
     combine: str = "prob",
     batch_size: int = 256,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Test-time augmentation: one model's probabilities averaged over views of each image.
 
@@ -219,7 +230,7 @@ def predict_tta(
       views_fn: ``images -> (V, N, ...)``; default `tta_views` (the image and its mirror).
         E.g. ``functools.partial(tta_views, shifts=((0, 0), (-4, -4), (4, 4)))`` adds
         shifted crops.
-      combine, batch_size, preprocess: as in `predict`.
+      combine, batch_size, preprocess, compute_dtype, mesh: as in `predict`.
 
     Returns:
       (N, C) probabilities as a NumPy array.
@@ -227,8 +238,9 @@ def predict_tta(
     _check_combine(combine)
     one = stack([variables])
     logits = member_logits(
-        apply_fn, one, images, views_fn=views_fn, batch_size=batch_size, preprocess=preprocess
-    )
+        apply_fn, one, images, views_fn=views_fn, batch_size=batch_size, preprocess=preprocess,
+        compute_dtype=compute_dtype, mesh=mesh,
+    )  # fmt: skip
     return combine_logits(logits[0], combine)
 
 
@@ -267,6 +279,8 @@ def accuracy_curve(
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
     member_batch: int | None = None,
     views_fn: Callable[[jax.Array], jax.Array] | None = None,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
 ) -> EnsembleCurve:
     """Accuracy of the ensemble of the first k snapshots, for every k (Huang et al.'s curve).
 
@@ -285,7 +299,7 @@ def accuracy_curve(
     _check_combine(combine)
     logits = member_logits(
         apply_fn, members, images, batch_size=batch_size, preprocess=preprocess,
-        member_batch=member_batch, views_fn=views_fn,
+        member_batch=member_batch, views_fn=views_fn, compute_dtype=compute_dtype, mesh=mesh,
     )  # fmt: skip
     # Each member's views averaged first (probabilities or logits, as `combine` says).
     scores = np.mean(_averaged(logits, combine), axis=1)

@@ -69,23 +69,29 @@ def check_compute_dtype(compute_dtype: Any) -> Any:
         )
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
-    return None if dtype == jnp.float32 else dtype
+    return dtype
 
 
 def with_compute_dtype(apply_fn: Callable, compute_dtype: Any) -> Callable:
-    """`apply_fn` of the same Flax module computing in `compute_dtype` (None: unchanged).
+    """`apply_fn` of the same Flax module computing in `compute_dtype` (None: its own dtype).
 
     The models cast parameters to their `dtype` inside each layer and keep the
     parameters, BatchNorm statistics and logits float32, so this is all mixed
     precision needs: convolutions and matmuls run in bf16, the rest stays float32.
+    float32 makes a module built for bf16 compute in float32.
 
     Raises:
       ValueError: `apply_fn` is not a Flax module's `apply`, or the module has no
-        `dtype` attribute to set.
+        `dtype` attribute to set; a module built with dtype float16 (it would train
+        without the loss scaling float16 needs: `check_compute_dtype`).
     """
-    if compute_dtype is None:
-        return apply_fn
     module = programs.module_of(apply_fn)
+    if compute_dtype is None:
+        if module is not None and getattr(module, "dtype", None) == jnp.float16:
+            check_compute_dtype(jnp.float16)  # the same refusal, for the model's own dtype
+        return apply_fn
+    if compute_dtype == jnp.float32 and not hasattr(module, "dtype"):
+        return apply_fn  # no dtype to set: it computes in its parameters' float32
     if module is None or not hasattr(module, "dtype"):
         raise ValueError(
             f"compute_dtype={jnp.dtype(compute_dtype).name} needs the state's apply_fn to be a "

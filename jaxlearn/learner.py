@@ -51,6 +51,7 @@ from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.data.stream import SourceImages, StreamLoader
 from jaxlearn.ensemble import combine_logits, member_logits, snapshot_steps
 from jaxlearn.inference import pad_rows
+from jaxlearn.parallel import mesh_of
 from jaxlearn.schedules import one_cycle, sgdr
 from jaxlearn.state import TrainState
 from jaxlearn.steps import make_eval_step, make_train_step
@@ -206,7 +207,6 @@ class Learner:
         self.snapshots: list = []
         self.lr_found: lr_finder.LRFindResult | None = None
         self._frozen = 0
-        self.eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype)
         key = jax.random.key(seed)
         if variables is None:
             # The initialisation does not depend on the optimizer: a stand-in one here.
@@ -251,11 +251,20 @@ class Learner:
             per_epoch = len(dls.train)
             aligned = -(-self._step // per_epoch) * per_epoch
             self.state = self._resting(self.state.variables, self.state.rng, aligned)
+        # The loaders' devices: the steps and predictions run where the batches are.
         self.train_step = make_train_step(
             label_smoothing=LOSSES[self.loss], preprocess=self.preprocess,
             augment=dls.augment if dls is not None else None, batch_augment=self.batch_augment,
-            compute_dtype=self.compute_dtype,
+            compute_dtype=self.compute_dtype, mesh=self._mesh,
         )  # fmt: skip
+        self.eval_step = make_eval_step(
+            preprocess=self.preprocess, compute_dtype=self.compute_dtype, mesh=self._mesh
+        )
+
+    @property
+    def _mesh(self):
+        """The devices the data's batches are split over (`parallel.mesh_of`)."""
+        return mesh_of(self.dls.train) if self.dls is not None else None
 
     # ---------------------------------------------------------------- the frozen groups
 
@@ -616,6 +625,7 @@ class Learner:
         probabilities = functools.partial(
             _probabilities, apply_fn, members, preprocess=self.preprocess,
             views_fn=tta_views if with_tta else None, batch_size=batch_size,
+            compute_dtype=self.compute_dtype, mesh=self._mesh,
         )  # fmt: skip
         if not isinstance(images, StreamLoader):
             return probabilities(images), labels, images
@@ -809,11 +819,9 @@ def _metric_functions(metrics: Sequence[str | Callable]) -> dict[str, Callable]:
     return out
 
 
-def _probabilities(apply_fn, members, images, preprocess, *, views_fn=None, batch_size=256):
+def _probabilities(apply_fn, members, images, **options):
     """(N, C) probabilities averaged over members and views (`ensemble.member_logits`)."""
-    logits = member_logits(
-        apply_fn, members, images, views_fn=views_fn, batch_size=batch_size, preprocess=preprocess
-    )
+    logits = member_logits(apply_fn, members, images, **options)
     return combine_logits(logits.reshape(-1, *logits.shape[2:]))
 
 

@@ -70,6 +70,17 @@ def data_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def mesh_of(loader: Any) -> Mesh | None:
+    """The mesh `loader` splits its batches over; None for the default (every device).
+
+    What the steps of a loop over `loader` should be built with, so they run where
+    its batches are; None keeps the default `make_train_step()` objects, whose
+    compiled programs every other user of the default shares.
+    """
+    mesh = getattr(loader, "mesh", None)
+    return None if mesh is None or mesh == data_mesh() else mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding that splits the leading (batch) axis over the 'data' axis."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

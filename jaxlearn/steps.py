@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -35,7 +36,7 @@ from jaxlearn.inference import (
     forward_spec,
     with_compute_dtype,
 )
-from jaxlearn.parallel import batch_sharding, data_mesh, replicated_sharding
+from jaxlearn.parallel import batch_sharding, data_mesh, local_batch_size, replicated_sharding
 from jaxlearn.state import TrainState, update_ema
 
 Batch = dict[str, jax.Array]
@@ -210,12 +211,19 @@ class _Compiled:
         return jax.device_put(fields, self._replicated)
 
     def _batch_on_mesh(self, batch: Batch) -> Batch:
-        """Host or unplaced batch arrays split over the mesh (the loader's batches already are)."""
-        return {
-            k: v if getattr(v, "sharding", None) == self._batch_sharding
-            else jax.device_put(v, self._batch_sharding)
-            for k, v in batch.items()
-        }  # fmt: skip
+        """Host or unplaced batch arrays split over the mesh (the loader's batches already are).
+
+        A batch that does not split evenly gets `local_batch_size`'s ValueError (how
+        to pad it), not XLA's IndivisibleError.
+        """
+        placed = {}
+        for k, v in batch.items():
+            if getattr(v, "sharding", None) != self._batch_sharding:
+                if jax.process_count() == 1:
+                    local_batch_size(np.shape(v)[0], self.mesh)
+                v = jax.device_put(v, self._batch_sharding)
+            placed[k] = v
+        return placed
 
     def _place(self, consts: tuple) -> tuple:
         """The optimizer's constants replicated on the mesh once, not transferred every step."""

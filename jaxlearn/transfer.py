@@ -44,6 +44,7 @@ from flax import traverse_util
 from jaxlearn.inference import apply_batched
 from jaxlearn.loop import Callback, fit, stop_requested, watch_stops
 from jaxlearn.models.layers import head
+from jaxlearn.parallel import mesh_of
 from jaxlearn.schedules import one_cycle
 from jaxlearn.state import TrainState, init_optimizer
 from jaxlearn.steps import (
@@ -554,14 +555,15 @@ def fine_tune(
     split_at = default_split(model) if split_at is None else split_at
     num_groups = len(split_at) + 1
     callbacks = watch_stops(callbacks)  # a stop in phase 1 ends the run, not just the phase
+    mesh = mesh_of(train_data)  # the steps run where the loader's batches are
     eval_step = None
     if eval_data is not None:
-        eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype)
+        eval_step = make_eval_step(preprocess=preprocess, compute_dtype=compute_dtype, mesh=mesh)
 
     # One train step for both phases: each phase's optimizer is its own program.
     train_step = make_train_step(
         label_smoothing=label_smoothing, preprocess=preprocess, augment=augment,
-        batch_augment=batch_augment, compute_dtype=compute_dtype,
+        batch_augment=batch_augment, compute_dtype=compute_dtype, mesh=mesh,
     )  # fmt: skip
 
     def phase(variables, n, until_step, schedule, factors, key, step):

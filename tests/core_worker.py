@@ -108,11 +108,18 @@ def steps_run(out: str, steps: int = 6) -> None:
         indivisible = ""
     except ValueError as e:
         indivisible = str(e)
+    try:  # the same, handed to the step directly (a list of host batches)
+        images, labels = tiny_data(len(jax.devices()) + 2)
+        step.trace(state, {"image": images, "label": labels})  # traced: nothing donated
+        indivisible_step = ""
+    except ValueError as e:
+        indivisible_step = str(e)
     held_images, held_labels = tiny_data(13, seed=2)
     # batch 5: chunks of 5 on one device, of 8 on eight (rounded up), of 3 + 3 on two processes
     logits = apply_batched(state.apply_fn, state.variables, held_images, batch_size=5)
     held = ArrayLoader(held_images, held_labels, 2 * len(jax.devices()), train=False)
     result = evaluate(state, held, make_eval_step())
+    submesh = _learner_submesh_devices() if jax.process_count() == 1 else 0
     if jax.process_index() == 0:
         gathered = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
         np.savez(
@@ -122,8 +129,32 @@ def steps_run(out: str, steps: int = 6) -> None:
             losses=np.asarray(losses),
             num_devices=len(jax.devices()),
             indivisible=indivisible,
+            indivisible_step=indivisible_step,
+            submesh_devices=submesh,
             **_flat(gathered, "v"),
         )
+
+
+def _learner_submesh_devices() -> int:
+    """The devices a Learner trains and predicts on when its loaders use half of them:
+    the loaders' (the steps would otherwise move every batch onto all devices)."""
+    import jax
+
+    from jaxlearn.data import ImageArrays
+    from jaxlearn.data.dataloaders import ImageDataLoaders
+    from jaxlearn.learner import vision_learner
+    from jaxlearn.parallel import data_mesh
+
+    half = data_mesh(jax.devices()[: max(1, len(jax.devices()) // 2)])
+    images, labels = tiny_data(24)
+    names = ("r", "g", "b")
+    dls = ImageDataLoaders(ImageArrays(images[:16], labels[:16], names),
+                           ImageArrays(images[16:], labels[16:], names),
+                           batch_size=half.devices.size, mesh=half)  # fmt: skip
+    learn = vision_learner(dls, "mlp", pretrained=False, progress=False)
+    learn.fit(1, 1e-2)
+    learn.get_preds()
+    return len(jax.tree.leaves(learn.state.params)[0].sharding.device_set)
 
 
 def fit_run(out: str, ckpt_dir: str, epochs: int, report: bool = False) -> None:

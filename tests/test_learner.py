@@ -241,6 +241,25 @@ def test_an_interrupted_fit_keeps_its_finished_epochs(dls, tmp_path):
     assert len(tuned.history["epoch"]) == 1
 
 
+def test_predictions_run_in_the_learners_compute_dtype(dls, monkeypatch):
+    import jax.numpy as jnp
+
+    from jaxlearn import ensemble as ensemble_module
+
+    asked = []
+    real = ensemble_module.apply_batched
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("compute_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ensemble_module, "apply_batched", recording)
+    learn = _learner(dls, compute_dtype=jnp.bfloat16)
+    learn.get_preds()
+    learn.tta()
+    assert asked == [jnp.bfloat16, jnp.bfloat16]  # as validate's eval step
+
+
 def test_fine_tune_takes_the_batch_augmentation_and_runs_on_one_clock(dls, trained):
     plain, mixed = _learner(dls), _learner(dls, batch_augment=data.MixUp(0.4, 2))
     for learn in (plain, mixed):

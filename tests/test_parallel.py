@@ -47,7 +47,9 @@ def test_eight_devices_match_one(one_device, tmp_path):
     )
     eight = np.load(out)
     assert int(eight["num_devices"]) == 8
-    assert "multiple of the number of devices (8)" in str(eight["indivisible"])
+    for key in ("indivisible", "indivisible_step"):
+        assert "multiple of the number of devices (8)" in str(eight[key]), key
+    assert int(eight["submesh_devices"]) == 4 and int(one_device["submesh_devices"]) == 1
     _assert_close(one_device, eight)
 
 

@@ -283,6 +283,15 @@ def test_bf16_eval_step_and_refusals():
     tiny = TrainState.create(TinyNet(), optax.sgd(0.1), jax.random.key(0), images[:1])
     with pytest.raises(ValueError, match="dtype"):
         make_train_step(compute_dtype=jnp.bfloat16)(tiny, batch)
+    # float32 is full precision even for a model built to compute in bf16
+    bf16_model = state.replace(apply_fn=model.clone(dtype=jnp.bfloat16).apply)
+    text = make_eval_step(compute_dtype=jnp.float32).lower(bf16_model, batch).as_text()
+    assert all("bf16" not in t for t in _op_types(text, "convolution"))
+    make_eval_step(compute_dtype=jnp.float32)(tiny, batch)  # no dtype to set: as it is
+    # a model built in float16 would train without loss scaling: refused like the argument
+    fp16_model = state.replace(apply_fn=model.clone(dtype=jnp.float16).apply)
+    with pytest.raises(ValueError, match="loss scaling"):
+        make_train_step()(fp16_model, batch)
 
 
 def test_eval_sums_skip_masked_rows_and_count_bad_labels():
