@@ -15,6 +15,7 @@ there, which is no array at all: no memory, no work, the same checkpoints.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -99,6 +100,8 @@ class TrainState(struct.PyTreeNode):
             raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
         if not hasattr(tx, "init") or not hasattr(tx, "update"):
             raise ValueError(f"tx must be an optax.GradientTransformation, got {tx!r}")
+        if not hasattr(key, "dtype"):  # an int seed: say what to pass
+            raise ValueError(f"key must be a PRNG key such as jax.random.key(0), got {key!r}")
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)  # raw uint32 keys save and replicate as plain arrays
         init = programs.model_key(model.init)  # by value: equal models share the compilation
@@ -185,7 +188,7 @@ def with_ema(state: TrainState, decay: float) -> TrainState:
     Returns:
       `state` with `ema` set; its count starts at 0.
     """
-    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay < 1.0:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 < decay < 1.0:
         raise ValueError(f"decay must be a number in (0, 1), got {decay!r}")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 

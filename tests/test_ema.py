@@ -140,6 +140,7 @@ def test_ema_refuses_bad_decays_and_a_state_without_one():
             with_ema(state, decay)
     with pytest.raises(ValueError, match="no EMA"):
         ema_variables(state)
+    assert with_ema(state, np.float32(0.99)).ema is not None  # NumPy numbers are numbers
     # A stacked state (as init_many makes) gets one EMA per model.
     stacked = jax.tree.map(lambda x: jnp.stack([x, x]), state)
     ema = with_ema(stacked, 0.9).ema

@@ -34,6 +34,8 @@ def test_create_collections_and_variables():
     assert state.rng.dtype == jnp.uint32  # typed keys are stored as raw key data
     with pytest.raises(ValueError, match="model"):
         TrainState.create(object(), optax.sgd(0.1), jax.random.key(0), images)
+    with pytest.raises(ValueError, match=r"jax.random.key\(0\), got 0"):
+        TrainState.create(TinyNet(), optax.sgd(0.1), 0, images)  # an int seed
 
 
 def test_same_seed_bit_identical_and_seed_matters():
