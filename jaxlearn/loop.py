@@ -141,18 +141,15 @@ class CaptureParams(Callback):
             raise ValueError(f"at_steps must be positive step counts, got {sorted(self.at_steps)}")
         self.snapshots: list = list(snapshots or [])
         self.ema = ema
-        self._captured_at: int | None = None
 
     def on_train_begin(self, step, state, history):
         if self.ema:
             ema_variables(state)  # a state without an EMA fails here, not steps later
 
     def on_step_end(self, step, state, metrics, history):
-        """Capture at the steps asked for; once a step (a `Checkpoint` may ask first)."""
-        if step in self.at_steps and step != self._captured_at:
+        if step in self.at_steps:
             live = {"params": state.params, "batch_stats": state.batch_stats}
             self.snapshots.append(jax.device_get(ema_variables(state) if self.ema else live))
-            self._captured_at = step
 
 
 class Checkpoint(Callback):
@@ -229,15 +226,11 @@ class Checkpoint(Callback):
     def on_step_end(self, step, state, metrics, history):
         at_epoch_end = self.steps_per_epoch and step % self.steps_per_epoch == 0
         if self.needs_history(step) and not at_epoch_end:
-            if self.capture is not None:  # its snapshot of this step first, whatever the order
-                self.capture.on_step_end(step, state, metrics, history)
             self.save(step, state, history)
 
     def on_epoch_end(self, step, state, history):
         epochs_due = self.every_epochs and len(history["epoch"]) % self.every_epochs == 0
         if (epochs_due or self.needs_history(step)) and self.last_saved != step:
-            if self.capture is not None:
-                self.capture.on_step_end(step, state, {}, history)
             self.save(step, state, history)
 
     def on_train_end(self, step, state, history):
@@ -453,7 +446,7 @@ def fit(
       steps: total number of steps to reach (stops mid-epoch if needed).
       eval_data: batches evaluated at the end of each epoch (needs `eval_step`).
       eval_step: from `make_eval_step`.
-      callbacks: `Callback`s, called in order.
+      callbacks: `Callback`s, called in order, `Checkpoint`s after the others.
       history: the history of the run being resumed.
       mesh: mesh to replicate the state on (default: the loader's, else all devices).
       progress: show a tqdm progress bar.
@@ -533,6 +526,9 @@ def fit(
         history["time"].append(time_offset + time.perf_counter() - start)
         return any([c.on_epoch_end(step, state, history) for c in callbacks])
 
+    # Checkpoints last: a save at a step then holds what the others recorded at it
+    # (a CaptureParams snapshot), whatever order they were given in.
+    callbacks = sorted(callbacks, key=lambda c: isinstance(c, Checkpoint))
     for c in callbacks:
         if isinstance(c, Checkpoint):
             c.steps_per_epoch = steps_per_epoch
