@@ -490,7 +490,9 @@ def fit(
     history = {k: list(v) for k, v in (history or {}).items()}
     for key in (*STEP_KEYS, "epoch", "epoch_step", "train_loss", "train_accuracy", "time"):
         history.setdefault(key, [])
-    time_offset = history["time"][-1] if history["time"] else 0.0
+    # A Python float: a float32 offset (a returned history's) plus perf_counter()
+    # (seconds since boot, ~1e5-1e6) rounds to float32's 8-60 ms there.
+    time_offset = float(history["time"][-1]) if history["time"] else 0.0
     start = time.perf_counter()
     step = int(state.step)  # the host's count from here on: the device is never asked again
     bar = _Progress(total, step, progress)
@@ -523,7 +525,7 @@ def fit(
     def end_epoch() -> bool:
         """The epoch's records (evaluation included) and the callbacks; True to stop."""
         _end_epoch(state, history, step, steps_per_epoch, eval_data, eval_step)
-        history["time"].append(time_offset + time.perf_counter() - start)
+        history["time"].append(time_offset + (time.perf_counter() - start))
         return any([c.on_epoch_end(step, state, history) for c in callbacks])
 
     # Checkpoints last: a save at a step then holds what the others recorded at it

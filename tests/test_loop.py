@@ -8,6 +8,7 @@ import pytest
 from core_worker import TinyNet, make_run, tiny_data
 from PIL import Image
 
+from jaxlearn import loop
 from jaxlearn.checkpoint import Checkpointer
 from jaxlearn.data.loader import ArrayLoader
 from jaxlearn.loop import (
@@ -228,6 +229,18 @@ def test_a_step_save_at_an_epoch_end_holds_the_epoch_and_the_snapshot_in_any_ord
         np.testing.assert_array_equal(restored["history"]["epoch"], [0, 1])
         np.testing.assert_array_equal(restored["history"]["train_loss"], history["train_loss"])
         assert len(capture.snapshots) == 2  # captured once a step, not twice
+
+
+def test_a_continued_history_keeps_the_clock_precise_on_a_long_running_machine(monkeypatch):
+    # perf_counter() counts from boot: 1e6 s is 11.6 days up. A float32 time offset (a
+    # returned history's) added to it first rounds to float32's 62.5 ms there.
+    ticks = iter(1e6 + 1e-3 * np.arange(1000))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(ticks)))
+    state, loader, step = make_run()
+    state, history = fit(state, loader, train_step=step, epochs=1, progress=False)
+    assert history["time"].dtype == np.float32
+    _, history = fit(state, loader, train_step=step, epochs=3, history=history, progress=False)
+    assert np.all(np.diff(history["time"]) > 0)
 
 
 def test_a_history_that_starts_later_gets_its_last_epoch_once():
