@@ -59,10 +59,17 @@ QUICK_COMPILE_CACHE_BYTES = 2**30
 class _ExperimentParser(argparse.ArgumentParser):
     """An ArgumentParser whose ``--quick`` has XLA compile fast (`compile_fast_when_quick`)
     and keep its programs for the next run (`cache_compilations_when_quick`), and whose
-    ``--progress`` defaults to whether stderr is a terminal."""
+    ``--progress`` defaults to whether stderr is a terminal, and whose ``--out`` defaults
+    to `default_out`, with '_quick' added for a ``--quick`` run."""
+
+    def __init__(self, *args, default_out: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_out = default_out
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
+        if parsed.out is None:  # a quick run never replaces the real run's results
+            parsed.out = self.default_out + ("_quick" if parsed.quick else "")
         compile_fast_when_quick(parsed.quick)
         cache_compilations_when_quick(parsed.quick)
         if parsed.progress is None:
@@ -75,17 +82,23 @@ def experiment_parser(description: str, *, default_out: str) -> argparse.Argumen
 
     ``--quick`` switches to the ~10-second mode (a subset, few steps: Radek's
     10-second rule), ``--data`` names the data folder (else ``JAXLEARN_DATA``, else
-    ../shared/data), ``--out`` the folder for results.json and figures, and
+    ../shared/data), ``--out`` the folder for results.json and figures (default
+    `default_out`, or `default_out` + '_quick' with ``--quick``, so that a quick
+    run never overwrites the real run's results), and
     ``--seeds`` how many seeds to run (0, 1, ..., n-1), ``--progress`` /
     ``--no-progress`` whether training and decoding show progress bars (default: when
     stderr is a terminal, so a log written by ``nohup`` stays free of bar redraws).
     Parsing ``--quick`` calls `compile_fast_when_quick` and
     `cache_compilations_when_quick`, before the script can start JAX.
     """
-    parser = _ExperimentParser(description=description)
+    parser = _ExperimentParser(description=description, default_out=default_out)
     parser.add_argument("--quick", action="store_true", help="~10-second mode on a subset")
     parser.add_argument("--data", default=None, help="data folder (default: $JAXLEARN_DATA)")
-    parser.add_argument("--out", default=default_out, help="output folder (results.json, PNGs)")
+    parser.add_argument(
+        "--out", default=None,
+        help=f"output folder for results.json and figures (default: {default_out}, "
+        f"{default_out}_quick with --quick)",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
     parser.add_argument(
         "--progress",
@@ -294,17 +307,20 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _jsonable(value: Any) -> Any:
-    """Numpy and JAX scalars/arrays to plain Python, recursively."""
+def jsonable(value: Any) -> Any:
+    """`value` in plain JSON values, recursively: NumPy and JAX scalars and arrays to
+    Python numbers and lists, tuples to lists, keys and paths to strings, NaN and
+    infinities to the strings 'nan', 'inf', '-inf' (JSON has none). Anything else is
+    returned as it is."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "__array__") and not isinstance(value, str | bytes):
         array = np.asarray(value)
-        return array.item() if array.ndim == 0 else array.tolist()
+        return jsonable(array.item() if array.ndim == 0 else array.tolist())  # NaN inside
     if isinstance(value, float) and not np.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible rather than dropping them
     return value
@@ -350,15 +366,15 @@ def write_results(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "config": _jsonable(config),
-        "seeds": list(seeds),
-        "metrics": _jsonable(metrics),
+        "config": jsonable(config),
+        "seeds": jsonable(list(seeds)),
+        "metrics": jsonable(metrics),
         "wall_time_s": round(time.time() - started, 2),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": environment(),
     }
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path

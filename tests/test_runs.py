@@ -19,15 +19,22 @@ def test_write_results_records_everything(tmp_path, monkeypatch):
     path = write_results(
         tmp_path / "run",
         config={"quick": True, "data": tmp_path},
-        metrics={"acc": np.float32(0.5), "curve": np.arange(3), "bad": float("nan")},
-        seeds=[0, 1],
+        metrics={
+            "acc": np.float32(0.5),
+            "curve": np.arange(3),
+            "bad": float("nan"),
+            "np_bad": np.float32("inf"),
+            "bad_curve": np.array([0.5, np.nan]),
+        },
+        seeds=list(np.arange(2)),
         started=started,
     )
     record = json.loads(path.read_text())
     assert record["config"] == {"quick": True, "data": str(tmp_path)}
     assert record["metrics"]["acc"] == 0.5
     assert record["metrics"]["curve"] == [0, 1, 2]
-    assert record["metrics"]["bad"] == "nan"
+    assert record["metrics"]["bad"] == "nan"  # JSON has no NaN: strict parsers read it
+    assert record["metrics"]["np_bad"] == "inf" and record["metrics"]["bad_curve"] == [0.5, "nan"]
     assert record["seeds"] == [0, 1]
     assert record["wall_time_s"] >= 2.0
     env = record["environment"]
@@ -56,10 +63,12 @@ def test_experiment_parser_shared_flags(monkeypatch):
     monkeypatch.setattr(runs, "cache_compilations_when_quick", lambda q: calls.append(("cache", q)))
     parser = experiment_parser("x", default_out="runs/x")
     args = parser.parse_args(["--quick", "--seeds", "3"])
-    assert args.quick and args.seeds == 3 and args.out == "runs/x" and args.data is None
-    parser.parse_args([])
+    assert args.quick and args.seeds == 3 and args.data is None
+    assert args.out == "runs/x_quick"  # never over the real run's results
+    assert parser.parse_args([]).out == "runs/x"
+    assert parser.parse_args(["--quick", "--out", "o"]).out == "o"
     # every parse tells both whether the run is quick
-    assert calls == [("fast", True), ("cache", True), ("fast", False), ("cache", False)]
+    assert calls == [(f, q) for q in (True, False, True) for f in ("fast", "cache")]
 
 
 @pytest.mark.parametrize("tty", [True, False])
