@@ -46,6 +46,15 @@ class ClassificationInterpretation:
                 f"{len(self.classes)} classes, got {self.images.shape}, {self.labels.shape}, "
                 f"{self.probs.shape}"
             )
+        if self.labels.ndim != 1 or not np.issubdtype(self.labels.dtype, np.integer):
+            raise ValueError(f"labels must be (N,) class indices, got {self.labels.dtype} "
+                             f"{self.labels.shape}")  # fmt: skip
+        if n and not 0 <= self.labels.min() <= self.labels.max() < len(self.classes):
+            raise ValueError(
+                f"labels must lie in [0, {len(self.classes)}), got {self.labels.min()} to "
+                f"{self.labels.max()}"
+            )
+        self.labels = self.labels.astype(np.int64)  # uint8 * C would wrap (NumPy 2)
 
     @classmethod
     def from_learner(cls, learn, dl_or_images=None, with_tta: bool = False):

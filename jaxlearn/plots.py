@@ -373,8 +373,10 @@ def top_losses(labels, probs, k: int):
         )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
-    order = np.argsort(-losses, kind="stable")[:k]
+    # float64's smallest normal, not 1e-12: float32 softmax reaches 1e-45 (a loss of 103)
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], np.finfo(float).tiny, 1))
+    # Ties (p = 0 exactly) go to the more confident prediction.
+    order = np.lexsort((-probs.max(1), -losses))[:k]
     return order, losses[order]
 
 

@@ -201,6 +201,14 @@ def test_most_confused_lists_the_mistaken_pairs_most_frequent_first():
     interp = ClassificationInterpretation(np.zeros((5, 2, 2, 3)), labels, probs, "abc")
     assert interp.most_confused() == [("a", "b", 2), ("a", "c", 1), ("b", "a", 1)]
     assert interp.most_confused(min_val=2) == [("a", "b", 2)]
+    # MNIST's labels are uint8: label * C must not wrap at 256 (NumPy 2 keeps uint8).
+    labels = np.arange(20, dtype=np.uint8)
+    interp = ClassificationInterpretation(np.zeros((20, 2, 2, 3)), labels, np.eye(20), "a" * 20)
+    np.testing.assert_array_equal(interp.confusion_matrix(), np.eye(20))
+    for bad, match in ((np.eye(20), "class indices"), (labels - 1.0, "class indices"),
+                       (np.arange(20) - 1, r"\[0, 20\)")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ClassificationInterpretation(np.zeros((20, 2, 2, 3)), bad, np.eye(20), "a" * 20)
 
 
 def test_from_tfds_carves_a_stratified_validation_set(tmp_path):

@@ -17,6 +17,16 @@ def test_top_losses_are_the_least_probable_true_classes_worst_first():
         top_losses(labels[:3], probs, k=2)
 
 
+def test_top_losses_rank_confident_mistakes_by_their_loss():
+    # float32 softmax of logit gaps 30, 90, 60: p(true) = 9e-14, 8e-40 (subnormal), 9e-27
+    logits = np.array([[0.0, 30.0], [0.0, 90.0], [0.0, 60.0]], np.float32)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    order, losses = top_losses(np.zeros(3, int), probs, k=3)
+    assert order.tolist() == [1, 2, 0]
+    np.testing.assert_allclose(losses, [90, 60, 30], rtol=1e-3)
+
+
 def test_plot_top_losses_titles_predicted_and_actual(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
