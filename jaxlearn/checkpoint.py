@@ -10,7 +10,9 @@ an existing checkpoint is never deleted to make room for a new one at the same
 step (that is refused). Saves are asynchronous: `save` returns once the arrays
 are copied to host memory (Orbax's blocking device-to-host transfer), so the
 donating train step may reuse their buffers at once, and the files are written
-in the background while training goes on; reads wait for pending writes.
+in the background while training goes on; reads wait for pending writes, and so does
+the end of the process (or of the Checkpointer: `close`, a ``with`` block, garbage
+collection), so a script's last save is never lost to a normal exit.
 
 Restoring reads arrays against an abstract target built from a live state (shapes,
 dtypes, shardings), so the optimizer state keeps its NamedTuple structure and
@@ -23,13 +25,19 @@ an EMA as the checkpoint has it (the refusal names the `ema/...` keys).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import threading
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlearn.runs import jsonable
 from jaxlearn.state import TrainState
 
 _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
@@ -67,9 +75,44 @@ def _abstract(tree: Any) -> Any:
     )
 
 
+def json_config(config: Mapping[str, Any] | None) -> dict:
+    """A run's configuration as a checkpoint stores and returns it: plain JSON values
+    (`runs.jsonable`: NumPy scalars to Python numbers, tuples to lists).
+
+    Raises:
+      ValueError: a value JSON cannot hold (a function, an object), named.
+    """
+    try:
+        return json.loads(json.dumps(jsonable(dict(config or {})), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config must hold plain JSON values: {e}") from e
+
+
 def history_to_json(history: dict[str, np.ndarray]) -> dict[str, list]:
     """History arrays -> JSON lists (float32 values survive the float64 round trip exactly)."""
     return {k: np.asarray(v).tolist() for k, v in history.items()}
+
+
+#: Checkpointers not yet closed, whose pending writes the end of the process waits for.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_open_checkpointers() -> None:
+    for checkpointer in list(_OPEN):
+        checkpointer.close()
+
+
+@functools.cache
+def _close_open_checkpointers_at_exit() -> None:
+    """Have the end of the process wait for pending writes (once per process).
+
+    Orbax writes through thread pools that refuse new work once the interpreter's
+    shutdown has begun, before `atexit` handlers run: a script whose last line is a
+    save would exit 0 with only a temporary directory on disk. `threading`'s own exit
+    hooks (which `concurrent.futures` uses to stop its pools) run last-registered
+    first, so this one, registered after Orbax's imports, runs while the pools work.
+    """
+    threading._register_atexit(_close_open_checkpointers)
 
 
 class Checkpointer:
@@ -103,6 +146,16 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        self._close = weakref.finalize(self, self.manager.close)  # when garbage-collected
+        self._close.atexit = False  # too late at exit: `_close_open_checkpointers`
+        _OPEN.add(self)
+        _close_open_checkpointers_at_exit()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def wait(self) -> None:
         """Block until every pending (background) write is on disk."""
@@ -132,20 +185,22 @@ class Checkpointer:
           state: the train state.
           history: `fit`'s history (dict of arrays).
           snapshots: list of captured `{'params', 'batch_stats'}` pytrees.
-          config: JSON-serializable record of the run's configuration.
+          config: the run's configuration, in JSON values (`json_config`).
 
         Raises:
           ValueError: a checkpoint at this step exists already (it is kept: a run
-            that reaches the same step again is another run, or a replay).
+            that reaches the same step again is another run, or a replay), or
+            `config` holds what JSON cannot.
         """
         step = int(jax.device_get(state.step))
         snapshots = list(snapshots or [])
+        config = json_config(config)  # here: in the background write, an error loses the save
         items = {
             "state": ocp.args.StandardSave(_state_tree(state)),
             "history": ocp.args.JsonSave(
                 {"history": history_to_json(history or {}), "num_snapshots": len(snapshots)}
             ),
-            "config": ocp.args.JsonSave(dict(config or {})),
+            "config": ocp.args.JsonSave(config),
         }
         if snapshots:
             items["snapshots"] = ocp.args.StandardSave({str(i): s for i, s in enumerate(snapshots)})
@@ -239,4 +294,4 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finish pending writes and release the manager."""
-        self.manager.close()
+        self._close()

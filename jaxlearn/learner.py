@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from jaxlearn import loop, lr_finder, plots
-from jaxlearn.checkpoint import Checkpointer
+from jaxlearn.checkpoint import Checkpointer, json_config
 from jaxlearn.data.arrays import ImageArrays
 from jaxlearn.data.augment import tta_views
 from jaxlearn.data.images import decode_file, resize_array
@@ -365,7 +365,7 @@ class Learner:
             callbacks.append(loop.Checkpoint(checkpointer, every_epochs=1, capture=capture,
                                              config=run))  # fmt: skip
             if checkpointer.latest_step() is not None:
-                if checkpointer.config() != json.loads(json.dumps(run)):
+                if checkpointer.config() != json_config(run):
                     raise ValueError(
                         f"{checkpointer.directory} holds checkpoints of another run "
                         f"({checkpointer.config()}), not of {run}: give this run an empty "

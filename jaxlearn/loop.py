@@ -15,7 +15,6 @@ step), so a run restored from a checkpoint replays the same stream.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxlearn.checkpoint import json_config
 from jaxlearn.inference import check_fits
 from jaxlearn.parallel import data_mesh, replicate
 from jaxlearn.state import TrainState, ema_variables
@@ -176,13 +176,13 @@ class Checkpoint(Callback):
         checkpointer: a `jaxlearn.checkpoint.Checkpointer`.
         every_steps / every_epochs: save period (positive), either or both.
         capture: a CaptureParams whose snapshots go into each checkpoint.
-        config: JSON-serializable run configuration to store alongside (and to
-          recognise the run by when resuming)."""
+        config: the run's configuration, to store alongside (and to recognise the run
+          by when resuming), in JSON values (`checkpoint.json_config`)."""
         for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         self.checkpointer, self.capture = checkpointer, capture
-        self.config = json.loads(json.dumps(config)) if config is not None else None
+        self.config = json_config(config) if config is not None else None
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.last_saved: int | None = None
         # Set by `fit`: a step save that falls on an epoch's last step waits for that

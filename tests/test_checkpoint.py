@@ -118,6 +118,26 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
 
 
+def test_a_scripts_last_save_survives_its_normal_exit_and_a_bad_config_fails_at_once(tmp_path):
+    # Orbax writes in background threads that die with the process: a save as a
+    # script's last line must still be waited for.
+    code = (
+        f"import sys; sys.path.insert(0, {str(WORKER.parent)!r})\n"
+        "from core_worker import make_run\n"
+        "from jaxlearn.checkpoint import Checkpointer\n"
+        f"ckpt = Checkpointer({str(tmp_path / 'run')!r})\n"
+        "ckpt.save(make_run()[0], history={'loss': [1.0]})\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    assert Checkpointer(tmp_path / "run").latest_step() == 0
+    with Checkpointer(tmp_path / "bad") as ckpt:
+        with pytest.raises(ValueError, match="JSON"):
+            ckpt.save(make_run()[0], config={"loss": print})  # here, not in the background
+        ckpt.save(make_run()[0], config={"lr": np.float32(0.5), "sizes": (64, 128)})
+        assert ckpt.config() == {"lr": 0.5, "sizes": [64, 128]}  # NumPy values as JSON ones
+
+
 def test_async_save_is_safe_against_the_donating_step(tmp_path):
     state, loader, step = make_run()
     batch = next(iter(loader.epoch(0)))
