@@ -273,7 +273,8 @@ def apply_batched(
       mesh: devices to split chunks over (default: all).
 
     Returns:
-      float32 array of shape `[M,] [V,] N, C` (see `forward`).
+      float32 array of shape `[M,] [V,] N, C` (see `forward`); a model whose output per
+      image is not a vector gives `[M,] [V,] N, ...` alike.
 
     Raises:
       ValueError: bad arguments, or images that do not fit the model (the message
@@ -310,7 +311,9 @@ def apply_batched(
             what = f"the input, images of shape {images.shape} ({images.dtype}),"
             check_fits(run, spec, variables, consts, x, what=what)
         outputs.append((run(spec, variables, consts, x), rows))
-    return np.concatenate([np.asarray(out)[..., :rows, :] for out, rows in outputs], axis=-2)
+    axis = int(stacked) + int(views_fn is not None)  # the images' (after members, views)
+    keep = (slice(None),) * axis
+    return np.concatenate([np.asarray(out)[(*keep, slice(rows))] for out, rows in outputs], axis)
 
 
 def map_batches(fn: Callable, xs: PyTree, batch_size: int | None) -> PyTree:

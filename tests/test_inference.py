@@ -1,5 +1,6 @@
 """The one inference primitive: padding, chunks, members, views, compile-once, input checks."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +46,16 @@ def test_chunks_padding_members_and_views_equal_a_direct_apply():
     assert out.shape == (2, 2, 11, 3)
     np.testing.assert_allclose(out[:, 0], direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[1, 1], _direct(b, images[:, :, ::-1]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_per_pixel_output_keeps_its_rows_whole():
+    images, _ = tiny_data(5)
+    conv = nn.Conv(2, (1, 1))  # (N, H, W, 2) out: the rows are the first axis, not -2
+    variables = conv.init(jax.random.key(0), jnp.zeros((1, *images.shape[1:])))
+    apply = lambda v, x, train=False: conv.apply(v, x)
+    out = inference.apply_batched(apply, variables, images, batch_size=3)
+    want = conv.apply(variables, jnp.asarray(images, jnp.float32) / 255)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
 def test_an_inline_preprocess_compiles_once():
