@@ -91,10 +91,10 @@ def lr_sweep(start_lr: float, end_lr: float, num_steps: int, mode: str = "exp") 
     Returns:
       A float64 array whose first and last entries are start_lr and end_lr.
     """
-    if not start_lr > 0:
-        raise ValueError(f"start_lr must be > 0, got {start_lr}")
-    if not end_lr > start_lr:
-        raise ValueError(f"end_lr must be > start_lr ({start_lr}), got {end_lr}")
+    if not 0 < start_lr < math.inf:
+        raise ValueError(f"start_lr must be finite and > 0, got {start_lr}")
+    if not start_lr < end_lr < math.inf:
+        raise ValueError(f"end_lr must be finite and > start_lr ({start_lr}), got {end_lr}")
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
     if mode == "exp":
@@ -171,10 +171,25 @@ def sweeping(tx: optax.GradientTransformation, lrs: Any) -> optax.GradientTransf
 
 
 def _epochs(batches) -> Iterable[dict]:
-    """Batches forever from a loader with ``.epoch(e)``; any other iterable as it is."""
-    if hasattr(batches, "epoch"):
-        return itertools.chain.from_iterable(batches.epoch(e) for e in itertools.count())
-    return batches
+    """Batches forever from a loader with ``.epoch(e)``; any other iterable as it is.
+
+    Raises:
+      ValueError: (when iterated) an epoch of the loader yields no batch; chaining
+        such epochs would never end.
+    """
+    if not hasattr(batches, "epoch"):
+        return batches
+
+    def forever():
+        for e in itertools.count():
+            empty = True
+            for batch in batches.epoch(e):
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"the loader yielded no batch in epoch {e}")
+
+    return forever()
 
 
 def lr_find(
@@ -214,7 +229,8 @@ def lr_find(
       beta: smoothing of the loss: the debiased exponential moving average
         ``avg_i / (1 - beta**(i+1))`` with ``avg_i = beta avg_{i-1} + (1 - beta) loss_i``
         (fast.ai's smooth loss; the division is Adam's bias correction).
-      stop_factor: stop when the smoothed loss exceeds this multiple of its minimum.
+      stop_factor: stop when the smoothed loss exceeds this multiple of its minimum
+        (``math.inf``: only a non-finite loss stops the sweep).
       skip_start: points dropped from the start before the rules read the curve
         (default ``num_steps // 10``, as fast.ai).
       skip_end: points dropped from the end (default 5, as fast.ai).
@@ -223,7 +239,7 @@ def lr_find(
       An `LRFindResult` with the curve and the four suggestions (see `suggest`).
     """
     lrs = lr_sweep(start_lr, end_lr, num_steps, mode)
-    if stop_factor <= 1:
+    if not stop_factor > 1:  # NaN too: it would never stop the sweep
         raise ValueError(f"stop_factor must be > 1, got {stop_factor}")
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be in [0, 1), got {beta}")

@@ -173,12 +173,29 @@ def test_rules_on_a_textbook_curve():
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="start_lr"):
         lr_sweep(0.0, 1.0, 10)
-    with pytest.raises(ValueError, match="end_lr"):
-        lr_sweep(1.0, 0.1, 10)
+    for end_lr in (0.1, np.inf):
+        with pytest.raises(ValueError, match="end_lr"):
+            lr_sweep(1.0, end_lr, 10)
     with pytest.raises(ValueError, match="mode"):
         lr_sweep(1e-3, 1.0, 10, mode="cos")
-    with pytest.raises(ValueError, match="stop_factor"):
-        lr_find(None, None, [], stop_factor=1.0)
+    for stop_factor in (1.0, np.nan):  # NaN would never stop a diverging sweep
+        with pytest.raises(ValueError, match="stop_factor"):
+            lr_find(None, None, [], stop_factor=stop_factor)
+
+
+class _EmptyEpochs:
+    """A loader whose epochs yield nothing (a custom one: jaxlearn's refuse empty data)."""
+
+    def __len__(self):
+        return 0
+
+    def epoch(self, e):
+        return iter(())
+
+
+def test_a_loader_without_batches_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="no batch in epoch 0"):
+        lr_find(_state(), _step(), _EmptyEpochs(), num_steps=5)
 
 
 def test_plot_marks_the_suggestions(tmp_path):
