@@ -407,8 +407,8 @@ def cosine_warmup(
 
     Args:
       peak_lr: value at step `warmup_steps` (> 0).
-      total_steps: length of the whole schedule, warmup included.
-      warmup_steps: steps of linear warmup (0 <= warmup_steps < total_steps).
+      total_steps: length of the whole schedule, warmup included (>= 2).
+      warmup_steps: steps of linear warmup (0 <= warmup_steps <= total_steps - 2).
       init_lr: value at step 0 (0 <= init_lr <= peak_lr).
       end_lr: value at the last step (0 <= end_lr <= peak_lr).
 
@@ -418,11 +418,12 @@ def cosine_warmup(
     init_lr = _check_lr("init_lr", init_lr)
     end_lr = _check_lr("end_lr", end_lr)
     peak = _check_peak(peak_lr, ("init_lr", init_lr), ("end_lr", end_lr))
-    total = _check_int("total_steps", total_steps, 1)
+    total = _check_int("total_steps", total_steps, 2)
     warmup = _check_int("warmup_steps", warmup_steps, 0)
-    if warmup >= total:
+    if warmup > total - 2:  # the anneal: the peak at step warmup, end_lr at step total - 1
         raise ValueError(
-            f"warmup_steps must be < total_steps ({total_steps!r}), got {warmup_steps!r}"
+            f"warmup_steps must be <= total_steps - 2 ({total_steps!r} - 2): the cosine needs "
+            f"a step at the peak and one at end_lr; got {warmup_steps!r}"
         )
     cycles = _Cycles(total - warmup, 1, warmup, 1)
     return _cosine_cycles(cycles, peak, 1.0, end_lr, init_lr=init_lr)

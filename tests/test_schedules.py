@@ -205,7 +205,7 @@ def test_sgdr_warmup_is_a_straight_line_into_the_peak(cfg):
 def test_python_int_jit_and_vmap_agree(cfg, which):
     schedule = [
         S.sgdr(**cfg),
-        S.cosine_warmup(cfg["peak_lr"], cfg["cycle_steps"] + cfg["warmup_steps"] + 1, 1),
+        S.cosine_warmup(cfg["peak_lr"], cfg["cycle_steps"] + cfg["warmup_steps"] + 2, 1),
         S.one_cycle(cfg["peak_lr"], cfg["cycle_steps"] * 10),
         S.fastai_cos_anneal(cfg["peak_lr"], cfg["cycle_steps"] + 1, int(cfg["cycle_mult"])),
     ][which]
@@ -479,6 +479,8 @@ def test_constant_is_constant_and_shaped_like_the_step():
         (lambda: S.sgdr(0.1, 10, num_cycles=2).cycle_ends(3), "num_cycles"),
         (lambda: S.cosine_warmup(0.1, 100, 100), "warmup_steps"),
         (lambda: S.cosine_warmup(0.1, 100, 120), "warmup_steps"),
+        (lambda: S.cosine_warmup(0.1, 5, 4), "warmup_steps"),  # step 4: the peak or end_lr?
+        (lambda: S.cosine_warmup(0.1, 1, 0), "total_steps"),
         (lambda: S.cosine_warmup(0.1, 0, 0), "total_steps"),
         (lambda: S.cosine_warmup(0.1, 100, 10, end_lr=0.5), "end_lr"),
         (lambda: S.cosine_warmup(0.1, 100, 10, init_lr=float("inf")), "init_lr"),
