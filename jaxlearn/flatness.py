@@ -15,6 +15,7 @@ rescalings. Everything here is a pure function: jit it, or vmap it over many mod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -124,12 +125,13 @@ def sharpness(
       A `Sharpness` (mean, per_direction, base_loss).
 
     Raises:
-      ValueError: if ``num_directions`` < 1 or a concrete ``radius`` is negative.
+      ValueError: if ``num_directions`` < 1 or a concrete ``radius`` is negative or
+        not finite (a traced one, under `jax.vmap` over radii, is not checked).
     """
     if num_directions < 1:
         raise ValueError(f"num_directions must be >= 1, got {num_directions}")
-    if isinstance(radius, int | float) and radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
+    if not isinstance(radius, jax.core.Tracer) and not 0 <= float(radius) < math.inf:
+        raise ValueError(f"radius must be finite and >= 0, got {radius}")
     base = loss_fn(params)
 
     def rise(k):

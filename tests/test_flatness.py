@@ -150,8 +150,9 @@ def test_generalization_gap_is_test_minus_train():
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="num_directions"):
         _sharpness(quadratic, CENTRE, jax.random.key(0), radius=0.1, num_directions=0)
-    with pytest.raises(ValueError, match="radius"):
-        _sharpness(quadratic, CENTRE, jax.random.key(0), radius=-0.1)
+    for radius in (-0.1, np.float32(-0.1), jnp.float32(-0.1), float("nan")):
+        with pytest.raises(ValueError, match="radius"):
+            _sharpness(quadratic, CENTRE, jax.random.key(0), radius=radius)
     with pytest.raises(ValueError, match="labels"):
         dataset_loss(lambda v, x, train: x, {}, jnp.zeros((4, 3)), jnp.zeros((3,), jnp.int32))
 
