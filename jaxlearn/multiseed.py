@@ -92,9 +92,14 @@ def train_many(
     batch_size: int,
     seeds: Sequence[int],
     epochs: int,
-    start_epoch: int = 0,
+    start_epoch: int | None = None,
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
     """Train N stacked models for ``epochs`` epochs, each on its own data order.
+
+    The states' buffers are donated to the first epoch, so a call that does not
+    finish (Ctrl-C, an error) leaves nothing to continue from: to keep progress,
+    call it a few epochs at a time (and checkpoint in between). A call on states
+    that have trained carries on with the next epoch's data orders.
 
     Args:
       states: stacked states from `init_many` (consumed: their buffers are donated).
@@ -106,15 +111,19 @@ def train_many(
         `ArrayLoader` does.
       seeds: data-order seed of each model (length N).
       epochs: number of epochs to run.
-      start_epoch: index of the first epoch (to continue a run: orders depend on it).
+      start_epoch: index of the first epoch (the orders depend on it). Default: the
+        states' step over the steps per epoch, so that a continued run does not
+        replay epoch 0's orders; a state that trained elsewhere, mid-epoch here,
+        must say where to start.
 
     Returns:
       ``(states, metrics)``: the trained states and a dict of the step's metrics as
       NumPy arrays of shape (N, epochs * steps_per_epoch).
 
     Raises:
-      ValueError: a jitted ``train_step``, ``seeds`` not matching the models, or labels
-        outside the model's classes.
+      ValueError: a jitted ``train_step``, ``seeds`` not matching the models, labels
+        outside the model's classes, or no ``start_epoch`` for models that stand
+        between epochs.
     """
     if hasattr(train_step, "lower"):
         raise ValueError("train_step must be the pure step: make_train_step(jit=False)")
@@ -129,6 +138,14 @@ def train_many(
     if not 1 <= batch_size <= len(images):
         raise ValueError(f"need 1 <= batch_size <= {len(images)}, got batch_size {batch_size}")
     steps = len(images) // batch_size  # the last partial batch is dropped, as ArrayLoader does
+    if start_epoch is None:
+        done = np.unique(jax.device_get(states.step))
+        if len(done) != 1 or done[0] % steps:
+            raise ValueError(
+                f"the models stand at steps {done.tolist()}, not one epoch boundary of "
+                f"{steps} steps: pass start_epoch (the epoch whose data orders come next)"
+            )
+        start_epoch = int(done[0]) // steps
     x, y = to_device(images), to_device(labels, np.int32)  # one copy for all the models
     history: list[dict] = []
     for epoch in range(start_epoch, start_epoch + epochs):

@@ -61,6 +61,16 @@ def test_vmapped_training_equals_fit_seed_by_seed():
         assert int(states.step[i]) == int(alone.step) == 10
 
 
+def test_a_continued_run_takes_the_next_epochs_orders():
+    images, labels = _data()
+    kw = dict(train_step=make_train_step(jit=False), batch_size=8, seeds=SEEDS, epochs=1)
+    states, _ = train_many(init_many(MODEL, TX, _keys(), images[:1]), images, labels, **kw)
+    states, metrics = train_many(states, images, labels, **kw)  # epoch 1, not 0 again
+    np.testing.assert_array_equal(metrics["loss"], _trained()[1]["loss"][:, 5:])
+    with pytest.raises(ValueError, match="start_epoch"):  # 2 epochs of 5 steps: 3.3 of 3
+        train_many(states, images[:24], labels[:24], **kw)
+
+
 def test_models_differ_and_learn():
     states, metrics = _trained()
     kernels = np.asarray(states.params["dense1"]["kernel"])
