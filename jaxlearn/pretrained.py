@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
+from flax.core import unfreeze
 
-from jaxlearn.data.augment import normalize
+from jaxlearn.data.augment import normalize, to_float
 
 # torchvision's published ImageNet checkpoints; the file name ends with the first
 # 8 hex digits of the file's SHA-256. Plain names are IMAGENET1K_V1; '_v2' are the
@@ -81,16 +82,13 @@ _COLLECTIONS = ("params", "batch_stats")
 
 
 def imagenet_normalize(images: jax.Array) -> jax.Array:
-    """uint8 (or [0, 1] float) NHWC images -> float32 normalised with ImageNet's mean and std.
+    """Integer (0-255) or [0, 1] float NHWC images -> float32 normalised with ImageNet's
+    mean and std.
 
     Pass it as the train and eval steps' `preprocess` when fine-tuning
     torchvision or timm weights: they expect exactly this input.
     """
-    images = jnp.asarray(images)
-    x = images.astype(jnp.float32)
-    if images.dtype == jnp.uint8:
-        x = x / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return normalize(to_float(images).astype(jnp.float32), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def efficientnet_lite_normalize(images: jax.Array) -> jax.Array:
@@ -303,7 +301,7 @@ def save_variables(path: str | Path, variables: Mapping) -> Path:
 
     Args:
       path: destination file (parents are created); '.msgpack' by convention.
-      variables: nested dict of arrays.
+      variables: nested mapping of arrays (dicts or Flax FrozenDicts).
 
     Returns:
       The path written.
@@ -311,7 +309,7 @@ def save_variables(path: str | Path, variables: Mapping) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(jax.device_get(dict(variables))))
+    tmp.write_bytes(serialization.msgpack_serialize(jax.device_get(unfreeze(variables))))
     os.replace(tmp, path)
     return path
 

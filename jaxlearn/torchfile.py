@@ -173,7 +173,7 @@ class _Tensor:
             array = np.conj(array)
         if any(metadata.values()):
             raise ValueError(f"unknown tensor metadata {sorted(metadata)}")
-        return array
+        return np.asarray(array)  # NumPy's operators give a 0-d array back as a scalar
 
 
 def _corrupt(detail: str) -> ValueError:

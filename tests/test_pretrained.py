@@ -12,6 +12,7 @@ import io
 import urllib.error
 import urllib.request
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,7 +266,7 @@ def test_load_variables_checks_the_model(tmp_path):
     model = get_model("resnet20", num_classes=10)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    path = pretrained.save_variables(tmp_path / "r20.msgpack", variables)
+    path = pretrained.save_variables(tmp_path / "r20.msgpack", flax.core.freeze(variables))
     with pytest.raises(ValueError, match=r"params/fc/kernel: file \(64, 10\), model \(64, 5\)"):
         pretrained.load_variables(
             path, get_model("resnet20", num_classes=5), input_shape=(1, 32, 32, 3)
@@ -337,6 +338,8 @@ def test_imagenet_normalize_matches_torchvision_constants():
     want = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(out[0, 0, 0], want, rtol=1e-6)
     np.testing.assert_allclose(pretrained.imagenet_normalize(images / 255.0), out, rtol=1e-6)
+    for dtype in (np.int32, np.uint16):  # any integer pixels are 0-255, as `to_float` reads them
+        np.testing.assert_array_equal(pretrained.imagenet_normalize(images.astype(dtype)), out)
 
 
 def test_a_models_template_is_traced_once_per_model_and_input_shape(monkeypatch):

@@ -86,6 +86,10 @@ def sample_tensors(with_new_dtypes: bool) -> dict:
         "neg": torch._neg_view(torch.randn(3, generator=g)),  # lazy negation bit
         "scalar": torch.tensor(3.5),
         "scalar_int": torch.tensor(7),
+        # 0-d through NumPy operators (bf16 shift, bool test, negation): arrays, not scalars
+        "scalar_bf16": torch.tensor(1.5).bfloat16(),
+        "scalar_bool": torch.tensor(True),
+        "scalar_neg": torch._neg_view(torch.tensor(2.0)),
         "base": base,
         "transposed": base.t(),  # same storage as `base`, strides (1, 4)
         "stepped": torch.arange(20.0)[2::3],  # offset 2, stride 3
@@ -114,7 +118,7 @@ def test_written_tensors_match_torch_load(tmp_path, layout):
     # Every array owns its values: none aliases another (shared storages included).
     arrays = list(read.values())
     for i, a in enumerate(arrays):
-        assert a.flags.writeable
+        assert isinstance(a, np.ndarray) and a.flags.writeable
         assert not any(np.shares_memory(a, b) for b in arrays[i + 1 :])
 
 
