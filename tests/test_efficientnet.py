@@ -226,6 +226,12 @@ def test_drop_connect_drops_whole_samples_of_the_residual_branch():
     dropped = np.all(np.isclose(out, x, atol=1e-6), axis=(1, 2, 3))
     kept = np.all(np.isclose(out, x + 2 * branch, atol=1e-5), axis=(1, 2, 3))
     assert np.all(dropped ^ kept) and 0 < dropped.sum() < 16
+    # A frozen block (`freeze_to(bn="eval")`) runs as in torch's eval(): nothing dropped.
+    frozen = block.clone(frozen_bn=True)
+    out = compiled(
+        lambda v, x: frozen.apply(v, x, True, rngs={"dropout": jax.random.key(3)}), variables, x
+    )(variables, x)
+    np.testing.assert_allclose(out, frozen.apply(variables, x, False), atol=1e-6)
 
 
 @pytest.mark.parametrize(("size", "kernel", "stride"), [(9, 5, 2), (8, 3, 1)])

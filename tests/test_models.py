@@ -188,8 +188,34 @@ def test_cnn_presets_take_other_widths_and_refuse_images_too_small_for_their_sta
     assert params["fc"]["kernel"].shape == (16, 2)
     # 5 stages halve 32 px to 1 px; at 31 px the last map would be empty (a NaN mean).
     assert model.min_size == 32
-    with pytest.raises(ValueError, match="5 stages needs images of at least 32 px"):
+    with pytest.raises(ValueError, match="SimpleCNN needs images of at least 32 px"):
         shapes(model, jnp.zeros((1, 31, 40, 3)))
+    assert get_model("resnet9", 2, stem_pool=True).min_size == 16  # 4 pools
+
+
+@pytest.mark.parametrize("name", ["cnn_small", "resnet9", "resnet20", "resnet18",
+                                  "efficientnet_lite0"])  # fmt: skip
+def test_image_models_refuse_what_is_not_an_nhwc_batch(name):
+    # Flax would build the first kernel from whatever came: (N, 28, 28) as one 28-channel
+    # image, (N, 3, H, W) as images 3 px high with H channels, and train on it.
+    model = get_model(name, 10)
+    for bad, match in (((8, 28, 28), r"\(N, H, W, C\), got shape \(8, 28, 28\)"),
+                       ((4, 3, 32, 32), "channels-first"), ((4, 1, 32, 32), "channels-first"),
+                       ((4, 4, 4, 3), "at least")):  # fmt: skip
+        if match == "at least" and name in ("resnet20", "resnet18", "efficientnet_lite0"):
+            continue  # strided convolutions and adaptive pooling take any size
+        with pytest.raises(ValueError, match=match):
+            shapes(model, jnp.zeros(bad))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "efficientnet_lite0"])
+def test_frozen_bn_names_that_are_no_module_are_refused(name):
+    model = get_model(name, 10)
+    for known in ((), ("layer1_0",) if "resnet" in name else ("stage1_0",)):
+        shapes(model.clone(frozen_bn=known), jnp.zeros((1, 32, 32, 3)))
+    for typo in ("layer1", "layer1.0", "stage1"):  # a stage's, torch's, a stage's
+        with pytest.raises(ValueError, match=rf"frozen_bn names no module .*'{typo}'"):
+            shapes(model.clone(frozen_bn=(typo,)), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_bad_names_and_depths_are_errors():

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlearn.models.layers import batch_norm, conv
+from jaxlearn.models.layers import batch_norm, conv, images_in
 from jaxlearn.models.resnet import BasicBlock, residual_stages_and_head
 
 
@@ -48,7 +48,7 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) for NHWC images, or the pooled 64 features."""
-        x = jnp.asarray(x, self.dtype)
+        x = images_in(x, self.dtype, self)
         x = conv(16, 3, name="conv1", dtype=self.dtype)(x)
         x = nn.relu(
             batch_norm(train and "bn1" not in self.frozen_bn, name="bn1", dtype=self.dtype)(x)

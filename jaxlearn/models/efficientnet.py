@@ -27,7 +27,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlearn.models.layers import DepthwiseConv, batch_norm, conv, head
+from jaxlearn.models.layers import (
+    DepthwiseConv,
+    batch_norm,
+    check_frozen_bn,
+    conv,
+    head,
+    images_in,
+)
 
 # name -> (width multiplier, depth multiplier, resolution, dropout before the head),
 # as `efficientnet_lite_builder.efficientnet_lite_params` of the TF release.
@@ -112,7 +119,8 @@ class MBConv(nn.Module):
       expand_ratio: expanded width / input width (1: no expansion convolution).
       drop_connect: probability of dropping the residual branch of a sample in
         training (rng stream "dropout"); only where the block has a shortcut.
-      frozen_bn: BatchNorm layers use their running averages even when training.
+      frozen_bn: inference mode even when training: BatchNorm layers use their running
+        averages and drop-connect is off (torch's `eval()` of the block).
       depthwise: `layers.depthwise_conv`'s impl.
       dtype: computation dtype.
     """
@@ -147,7 +155,10 @@ class MBConv(nn.Module):
         x = norm("project_bn")(x)
         if self.stride == 1 and inputs.shape[-1] == self.features:
             # Drop-connect as the reference: a whole sample's branch, kept ones scaled by 1/keep.
-            x = nn.Dropout(self.drop_connect, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+            # Off in a frozen block, as in torch's eval(): `freeze_to(bn="eval")`'s reference.
+            x = nn.Dropout(self.drop_connect, broadcast_dims=(1, 2, 3), deterministic=not bn_train)(
+                x
+            )
             x = x + inputs
         return x
 
@@ -165,7 +176,8 @@ class EfficientNetLite(nn.Module):
       resolution: the input size the variant was trained at (for preprocessing; the
         model accepts any size).
       frozen_bn: names of top-level modules ('stem_bn', 'stage1_0', ...) whose
-        BatchNorm layers use their running averages even when `train=True`;
+        BatchNorm layers use their running averages (and blocks skip drop-connect)
+        even when `train=True`;
         `jaxlearn.transfer.freeze_to(..., bn="eval")` sets it.
       depthwise: how depthwise convolutions are computed ('auto', 'lax', 'shifted';
         see `jaxlearn.models.layers.depthwise_conv`); the parameters are the same.
@@ -199,7 +211,7 @@ class EfficientNetLite(nn.Module):
                 train and name not in self.frozen_bn, name=name, dtype=self.dtype, **BN
             )
 
-        x = jnp.asarray(x, self.dtype)
+        x = images_in(x, self.dtype, self)
         x = conv(STEM_FEATURES, 3, 2, name="stem_conv", dtype=self.dtype, padding="same")(x)
         x = relu6(norm("stem_bn")(x))
         self.sow("intermediates", "stem", x)
@@ -224,10 +236,11 @@ class EfficientNetLite(nn.Module):
         x = conv(TOP_FEATURES, 1, name="top_conv", dtype=self.dtype)(x)
         x = relu6(norm("top_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
-        if features_only:
-            return jnp.asarray(x, jnp.float32)
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return jnp.asarray(head(self.num_classes, dtype=self.dtype)(x), jnp.float32)
+        if not features_only:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = head(self.num_classes, dtype=self.dtype)(x)
+        check_frozen_bn(self)
+        return jnp.asarray(x, jnp.float32)
 
     def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
         """(repeats, kernel, stride, expansion, output channels) of each stage."""

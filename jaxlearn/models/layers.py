@@ -34,6 +34,52 @@ from jax import lax
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def images_in(x, dtype: Any, model: nn.Module, min_size: int = 1) -> jax.Array:
+    """An image model's input `x` in its computation `dtype`, once checked to be NHWC.
+
+    Flax builds a layer's kernel from the first input it sees, so without this a rank-3
+    batch (an MNIST (N, 28, 28) without its channel axis) or a channels-first
+    (N, 3, H, W) PyTorch batch initialises and trains without a word, on the wrong
+    axes. A batch whose axis 1 holds 1 or 3 values while the last holds more than 4 is
+    read as channels-first: an NHWC image 1 or 3 px high is not a photo.
+
+    Raises:
+      ValueError: `x` is not (N, H, W, C), looks channels-first, or has a side
+        shorter than `min_size` px (the model's downsampling would leave nothing).
+    """
+    name = type(model).__name__
+    if jnp.ndim(x) != 4:
+        raise ValueError(
+            f"{name} takes images (N, H, W, C), got shape {tuple(jnp.shape(x))} "
+            "(a greyscale batch needs its channel axis: x[..., None])"
+        )
+    if x.shape[1] in (1, 3) and x.shape[-1] > 4:
+        raise ValueError(
+            f"{name} takes channels-last images (N, H, W, C); shape {tuple(x.shape)} looks "
+            "channels-first (PyTorch's N, C, H, W): x.transpose(0, 2, 3, 1)"
+        )
+    if min(x.shape[1:3]) < min_size:
+        raise ValueError(f"{name} needs images of at least {min_size} px, got shape "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    return jnp.asarray(x, dtype)
+
+
+def check_frozen_bn(model: nn.Module) -> None:
+    """A ValueError for names in `model.frozen_bn` that are none of its top-level modules.
+
+    Call it at the end of the model's compact `__call__`, once every module exists. A
+    stage's name ('layer1' for 'layer1_0') or torch's ('layer1.0') would otherwise
+    leave those BatchNorm layers updating their statistics without a word.
+    """
+    modules = model.variables.get("params", {})
+    unknown = sorted(set(model.frozen_bn) - set(modules))
+    if unknown:
+        raise ValueError(
+            f"frozen_bn names no module of {type(model).__name__}: {unknown}; its top-level "
+            f"modules are {sorted(modules)}"
+        )
+
+
 def conv(
     features: int,
     kernel: int,

@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlearn.models.layers import add_relu, batch_norm, conv, head
+from jaxlearn.models.layers import add_relu, batch_norm, check_frozen_bn, conv, head, images_in
 
 
 class BasicBlock(nn.Module):
@@ -117,7 +117,7 @@ class ResNet(nn.Module):
           features_only: return the penultimate features (N, 512 or 2048), the
             global average pool before `fc`.
         """
-        x = jnp.asarray(x, self.dtype)
+        x = images_in(x, self.dtype, self)
         x = conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
         x = batch_norm(train and "bn1" not in self.frozen_bn, name="bn1", dtype=self.dtype)(x)
         x = nn.relu(x)
@@ -165,9 +165,10 @@ def residual_stages_and_head(
             )(x, train and name not in module.frozen_bn)
         module.sow("intermediates", f"layer{i + 1}", x)
     x = jnp.mean(x, axis=(1, 2))
-    if features_only:
-        return jnp.asarray(x, jnp.float32)
-    return jnp.asarray(head(module.num_classes, dtype=module.dtype)(x), jnp.float32)
+    if not features_only:
+        x = head(module.num_classes, dtype=module.dtype)(x)
+    check_frozen_bn(module)
+    return jnp.asarray(x, jnp.float32)
 
 
 STAGE_SIZES = {

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlearn.models.layers import batch_norm, conv, head, max_pool_2x2
+from jaxlearn.models.layers import batch_norm, conv, head, images_in, max_pool_2x2
 
 
 class SimpleCNN(nn.Module):
@@ -43,12 +43,7 @@ class SimpleCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) for NHWC images, or the pooled features."""
-        if min(x.shape[1:3]) < self.min_size:
-            raise ValueError(
-                f"SimpleCNN with {len(self.widths)} stages needs images of at least "
-                f"{self.min_size} px, got shape {tuple(x.shape)}"
-            )
-        x = jnp.asarray(x, self.dtype)
+        x = images_in(x, self.dtype, self, self.min_size)
         for i, width in enumerate(self.widths):
             for j in range(self.convs_per_stage):
                 x = conv(width, 3, name=f"stage{i + 1}_conv{j + 1}", dtype=self.dtype)(x)
@@ -85,6 +80,11 @@ class ResNet9(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
 
+    @property
+    def min_size(self) -> int:
+        """The smallest image side it takes, in px: 3 pools (4 with `stem_pool`) halve it."""
+        return 2 ** (3 + self.stem_pool)
+
     @nn.compact
     def __call__(self, x, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) for NHWC images, or the pooled features."""
@@ -95,7 +95,7 @@ class ResNet9(nn.Module):
             x = conv(width, 3, name=f"{name}_conv", dtype=self.dtype)(x)
             return nn.relu(batch_norm(train, name=f"{name}_bn", dtype=self.dtype)(x))
 
-        x = conv_bn(jnp.asarray(x, self.dtype), self.widths[0], "prep")
+        x = conv_bn(images_in(x, self.dtype, self, self.min_size), self.widths[0], "prep")
         if self.stem_pool:
             x = max_pool_2x2(x)
         for i, width in enumerate(self.widths[1:], start=1):
