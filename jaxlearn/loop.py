@@ -396,10 +396,11 @@ class _Progress:
             self.smooth = SMOOTHING * self.smooth + (1 - SMOOTHING) * m["loss"]
         self.images += images
         self.bar.update(len(records))
+        lr = records[-1].get("lr", math.nan)  # NaN: an optimizer that does not report it
         self.bar.set_postfix(
             epoch=epoch,
             loss=f"{self.smooth / (1 - SMOOTHING**self.count):.4f}",
-            lr=f"{records[-1].get('lr', math.nan):.3g}",
+            **({"lr": f"{lr:.3g}"} if math.isfinite(lr) else {}),
             img_s=f"{self.images / (time.perf_counter() - self.start):.0f}",
             refresh=False,
         )

@@ -59,6 +59,15 @@ def test_fit_history_and_eval_on_held_out_data(tmp_path):
     np.testing.assert_array_equal(fig.axes[2].lines[0].get_ydata(), history["lr"])
 
 
+def test_the_progress_bar_shows_the_lr_only_when_the_optimizer_reports_it():
+    bar = loop._Progress(4, 0, True)
+    bar.update(0, [{"loss": 1.0, "lr": 0.1}], 32)
+    assert "lr=0.1" in bar.bar.postfix
+    bar.update(0, [{"loss": 1.0}], 32)  # a plain optax.adam: no 'lr=nan'
+    assert "lr" not in bar.bar.postfix and "loss" in bar.bar.postfix
+    bar.close()
+
+
 def test_plot_history_rejects_other_dicts():
     with pytest.raises(ValueError, match="history lacks"):
         plot_history({"loss": [1.0]})
