@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
         span = f"range {d['min']:.4f}-{d['max']:.4f}"
         print(f"{'(a) 6 images, ' + name:36}median {d['median']:.4f} {quartiles} {span}")
     for name, d in metrics.get("fine_tune_650", {}).items():
-        print(f"{'(b) 650 images, ' + name:36}{d['mean']:.4f} +- {d['std']:.4f} ({d['n']} seeds)")
+        label = f"(b) {len(train)} images, {name}"  # the key says 650: the post's number
+        print(f"{label:36}{d['mean']:.4f} +- {d['std']:.4f} ({d['n']} seeds)")
     print(f"references: (a) {REFERENCE_FEW_SHOT}, (b) {REFERENCE_FINE_TUNE} (full data)")
     return metrics
 

@@ -92,7 +92,7 @@ def experiment_parser(description: str, *, default_out: str) -> argparse.Argumen
     `cache_compilations_when_quick`, before the script can start JAX.
     """
     parser = _ExperimentParser(description=description, default_out=default_out)
-    parser.add_argument("--quick", action="store_true", help="~10-second mode on a subset")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on a subset (~10-30 s)")
     parser.add_argument("--data", default=None, help="data folder (default: $JAXLEARN_DATA)")
     parser.add_argument(
         "--out", default=None,
