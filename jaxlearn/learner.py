@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import numbers
 import os
 import shutil
 import warnings
@@ -39,6 +40,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -175,8 +177,8 @@ class Learner:
 
         Raises:
           ValueError: an unknown metric or loss, a model that is not a Flax module, a
-            `batch_augment` for another number of classes, or inference-only use
-            without variables, classes or image_shape.
+            model (its `num_classes`) or `batch_augment` for another number of classes,
+            or inference-only use without variables, classes or image_shape.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
@@ -198,6 +200,12 @@ class Learner:
             self.classes, self.image_shape = (), None
         self.resize = resize
         self.dls = dls  # the data's classes, image shape and resize; the train step
+        outputs = getattr(model, "num_classes", len(self.classes))  # jaxlearn's models have it
+        if outputs != len(self.classes):
+            raise ValueError(
+                f"the model's head has {outputs} outputs for {len(self.classes)} classes: "
+                "e.g. get_model(arch, dls.c), or transfer.replace_head"
+            )
         if getattr(batch_augment, "num_classes", len(self.classes)) != len(self.classes):
             raise ValueError(
                 f"batch_augment makes targets of {batch_augment.num_classes} classes, the data "
@@ -553,9 +561,9 @@ class Learner:
 
     def _epochs_to_steps(self, n_epoch: int) -> int:
         self._need_data()
-        if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
+        if isinstance(n_epoch, bool) or not isinstance(n_epoch, numbers.Integral) or n_epoch < 1:
             raise ValueError(f"the number of epochs must be a positive int, got {n_epoch!r}")
-        return n_epoch * len(self.dls.train)
+        return int(n_epoch) * len(self.dls.train)
 
     def lr_find(
         self, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100
@@ -794,7 +802,10 @@ class Learner:
             "classes": list(self.classes),
             "image_shape": list(self.image_shape),
             "resize": self.resize,
-        }
+            # bf16-trained weights predict as they were validated (None: float32).
+            "compute_dtype": None if self.compute_dtype is None else
+            jnp.dtype(self.compute_dtype).name,
+        }  # fmt: skip
         text = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         return save_variables(path, {"learner": text, "variables": self.state.variables})
 
@@ -975,6 +986,8 @@ def load_learner(path: str | os.PathLike, **learner_kwargs) -> Learner:
         raise ValueError(
             f"{path} has export format {meta.get('format')}, this reads {EXPORT_FORMAT}"
         )
+    dtype = meta.get("compute_dtype")  # absent from files of before it was stored
+    learner_kwargs.setdefault("compute_dtype", None if dtype is None else jnp.dtype(dtype))
     return Learner(
         None, _decode(meta["model"]), stored["variables"], _decode(meta["preprocess"]),
         classes=meta["classes"], image_shape=meta["image_shape"], resize=meta["resize"],

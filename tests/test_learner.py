@@ -8,6 +8,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -124,7 +125,7 @@ def test_lr_find_leaves_the_state_unchanged_bit_for_bit(dls):
 def trained(dls, tmp_path_factory):
     """A learner taken through fit, fit_sgdr and fine_tune, with error_rate as a metric."""
     learn = _learner(dls, tmp_path_factory.mktemp("learner"), metrics=("accuracy", "error_rate"))
-    learn.fit(1, 1e-2)
+    learn.fit(np.int64(1), 1e-2)  # NumPy integers are epoch counts too
     learn.fit_sgdr(2, cycle_len=1, cycle_mult=2, lr_max=1e-2)
     learn.fine_tune(2)  # as the README's five lines: they reuse its compiled programs
     return learn
@@ -250,8 +251,6 @@ def test_an_interrupted_fit_keeps_its_finished_epochs(dls, tmp_path):
 
 
 def test_predictions_run_in_the_learners_compute_dtype(dls, monkeypatch):
-    import jax.numpy as jnp
-
     from jaxlearn import ensemble as ensemble_module
 
     asked = []
@@ -328,6 +327,19 @@ def test_export_then_load_learner_in_a_fresh_process_predicts_the_same(trained, 
     assert loaded.dls is None and loaded.classes == trained.classes
     with pytest.raises(ValueError, match="has no data"):
         loaded.fit(1)
+
+
+def test_a_bf16_learner_predicts_as_it_was_validated_after_export(dls, folder, tmp_path):
+    learn = _learner(dls, compute_dtype=jnp.bfloat16)
+    loaded = load_learner(learn.export(tmp_path / "bf16.jaxlearn"))
+    assert loaded.compute_dtype == jnp.bfloat16
+    image = folder / "train" / "dogs" / "3.png"
+    np.testing.assert_array_equal(loaded.predict(image)[2], learn.predict(image)[2])
+
+
+def test_a_model_whose_head_is_not_the_datas_classes_is_refused(dls):
+    with pytest.raises(ValueError, match="head has 10 outputs for 2 classes"):
+        Learner(dls, get_model("mlp", 10), progress=False)
 
 
 def test_export_refuses_what_a_fresh_process_could_not_rebuild(dls, tmp_path):
