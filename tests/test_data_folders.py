@@ -257,6 +257,20 @@ def test_second_load_comes_from_the_cache_until_a_file_changes(tmp_path, monkeyp
         _load(root, size=4, cache=True, cache_dir=cache)
 
 
+def test_a_damaged_cache_entry_is_decoded_again(tmp_path):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    _solid(root / "train" / "a" / "x.png", RED)
+    first = _load(root, cache=True, cache_dir=cache)
+    (entry,) = cache.glob("*.npz")
+    whole = entry.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b""):  # truncated (a power loss, a part copy)
+        entry.write_bytes(damaged)
+        np.testing.assert_array_equal(_load(root, cache=True, cache_dir=cache).images,
+                                      first.images)  # fmt: skip
+    np.savez(entry, images=first.images)  # a whole file without our other arrays
+    np.testing.assert_array_equal(_load(root, cache=True, cache_dir=cache).labels, first.labels)
+
+
 def test_cache_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLEARN_CACHE", str(tmp_path / "env_cache"))
     _solid(tmp_path / "train" / "a" / "x.png", RED)

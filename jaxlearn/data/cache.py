@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,14 @@ def cache_path(cache_dir: str | os.PathLike | None, stem: str, key: str) -> Path
     return folder / f"{stem}-{key}.npz"
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays stored at `path`, or None if there is no (readable) entry."""
+def load_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays `names` stored at `path`, or None if there is no readable, whole entry."""
     try:
         with np.load(path, allow_pickle=False) as stored:
-            return {name: stored[name] for name in stored.files}
-    except (OSError, ValueError, EOFError):
-        # Absent, or damaged by something other than us (writes are atomic):
-        # decode again and overwrite.
+            return {name: stored[name] for name in names}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        # Absent, or damaged by something other than us (a truncated or partly copied
+        # file, one without our arrays): decode again and overwrite.
         return None
 
 
@@ -67,6 +68,8 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power loss keeps old or new
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -106,7 +106,7 @@ def load_image_folder(
         }
         key = cache_lib.cache_key(description)
         entry = cache_lib.cache_path(cache_dir, f"{folder.parent.name}-{split}-{size}", key)
-        stored = cache_lib.load_arrays(entry)
+        stored = cache_lib.load_arrays(entry, ("images", "labels", "report"))
         if stored is not None:
             _warn_skipped(folder, json.loads(str(stored["report"])))
             _check_not_empty(folder, stored["labels"])
@@ -163,7 +163,8 @@ def scan_split(
         raise ValueError(
             f"no image files in the class folders of {folder} (found: {_class_folders(folder)}"
             f"{'; ' + where if where else ''}): the layout is ROOT/SPLIT/CLASS/*; an "
-            "unlabelled test folder is read as one class, e.g. ROOT/test/unknown/*"
+            "unlabelled test folder is read as one class, e.g. ROOT/test/unknown/* with "
+            "class_names=['unknown'] (else a split beside ROOT/train takes train's classes)"
         )
     return folder, names, paths, labels, report
 
