@@ -105,6 +105,20 @@ def test_resized_crop_boxes_lie_inside_and_constant_image_stays_constant():
     np.testing.assert_allclose(out, 0.7, atol=1e-5)
 
 
+@pytest.mark.parametrize(("height", "width"), [(40, 80), (80, 40), (32, 32)])
+def test_resized_crop_boxes_keep_their_ratio_on_any_image(height, width):
+    ratio = (3 / 4, 4 / 3)
+    top, left, box_h, box_w = aug.resized_crop_boxes(KEY, 2000, height, width, (0.08, 1.0), ratio)
+    r = np.asarray(box_w / box_h)
+    assert r.min() >= ratio[0] * (1 - 1e-6) and r.max() <= ratio[1] * (1 + 1e-6)
+    assert np.all(np.asarray(top + box_h) <= height + 1e-4)
+    assert np.all(np.asarray(left + box_w) <= width + 1e-4)
+    # `resize`'s centre crop of a non-square image: the largest square window.
+    _, _, box_h, box_w = aug.resized_crop_boxes(KEY, 4, height, width, (1.0, 1.0), (1.0, 1.0))
+    np.testing.assert_allclose(np.asarray(box_w), min(height, width), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(box_h), min(height, width), rtol=1e-6)
+
+
 def test_full_box_resized_crop_equals_jax_image_resize():
     images = jax.random.uniform(KEY, (2, 16, 12, C))  # a 3:4 box of all the area: whole image
     crop = jax.jit(aug.random_resized_crop(8, scale=(1.0, 1.0), ratio=(0.75, 0.75)))

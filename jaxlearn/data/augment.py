@@ -199,15 +199,21 @@ def resized_crop_boxes(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The boxes `random_resized_crop` samples: (top, left, box_h, box_w), each (n,) float32.
 
-    Every box lies inside the image: 0 <= top, top + box_h <= height (same for width).
+    Every box lies inside the image: 0 <= top, top + box_h <= height (same for width),
+    and its aspect ratio box_w / box_h lies in `ratio` (a box larger than the image
+    is cut to it, so its area can fall below `scale`, as torchvision's after its tries).
     """
     k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
     area = jax.random.uniform(k_area, (n,), minval=scale[0], maxval=scale[1]) * height * width
     log_ratio = jax.random.uniform(
         k_ratio, (n,), minval=math.log(ratio[0]), maxval=math.log(ratio[1])
     )
-    box_w = jnp.clip(jnp.sqrt(area * jnp.exp(log_ratio)), 1.0, width)
-    box_h = jnp.clip(jnp.sqrt(area / jnp.exp(log_ratio)), 1.0, height)
+    w, h = jnp.sqrt(area * jnp.exp(log_ratio)), jnp.sqrt(area / jnp.exp(log_ratio))
+    box_w, box_h = jnp.clip(w, 1.0, width), jnp.clip(h, 1.0, height)
+    # A side cut to the image changes the box's ratio; on a non-square image that can
+    # leave `ratio` (40 x 80 px: up to 1.63 for 4/3), so the other side comes back into it.
+    box_w = jnp.where(h > height, jnp.minimum(box_w, box_h * ratio[1]), box_w)
+    box_h = jnp.where(w > width, jnp.minimum(box_h, box_w / ratio[0]), box_h)
     top = jax.random.uniform(k_top, (n,)) * (height - box_h)
     left = jax.random.uniform(k_left, (n,)) * (width - box_w)
     return top, left, box_h, box_w
