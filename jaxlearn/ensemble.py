@@ -36,6 +36,10 @@ COMBINE = ("prob", "logits")
 def stack(snapshots: Sequence[PyTree]) -> PyTree:
     """A list of M same-structured pytrees -> one pytree whose leaves have a leading M axis.
 
+    Args:
+      snapshots: a non-empty sequence of pytrees (e.g. `{'params', 'batch_stats'}`) of
+        one structure and leaf shapes.
+
     Raises:
       ValueError: if ``snapshots`` is empty or the members differ in structure or shapes.
     """
@@ -63,7 +67,15 @@ def _unstacked(stacked: PyTree) -> list[PyTree]:
 
 
 def num_members(stacked: PyTree) -> int:
-    """Size M of the leading member axis of a stacked pytree."""
+    """Size M of the leading member axis of a stacked pytree.
+
+    Args:
+      stacked: a pytree stacked along a leading member axis (`stack`); only its first
+        leaf is read.
+
+    Raises:
+      ValueError: a pytree without arrays.
+    """
     leaves = jax.tree.leaves(stacked)
     if not leaves:
         raise ValueError("stacked pytree has no arrays")
@@ -71,7 +83,14 @@ def num_members(stacked: PyTree) -> int:
 
 
 def unstack(stacked: PyTree) -> list[PyTree]:
-    """Inverse of `stack`: a pytree with a leading M axis -> list of M pytrees."""
+    """Inverse of `stack`: a pytree with a leading M axis -> list of M pytrees.
+
+    Args:
+      stacked: a pytree stacked along a leading member axis (`stack`).
+
+    Raises:
+      ValueError: a pytree without arrays.
+    """
     num_members(stacked)  # a ValueError when it holds no arrays
     return _unstacked(stacked)
 
@@ -172,6 +191,16 @@ def combine_logits(logits: jax.Array | np.ndarray, combine: str = "prob") -> np.
     ``'prob'``: the mean of the K softmax distributions (Huang et al. 2017).
     ``'logits'``: the softmax of the mean logit (a geometric mean of the distributions,
     renormalised).
+
+    Args:
+      logits: (K, N, C) logits of K members or views.
+      combine: ``'prob'`` (default) or ``'logits'``, as above.
+
+    Returns:
+      (N, C) float32 probabilities as a NumPy array.
+
+    Raises:
+      ValueError: ``logits`` that are not 3-D, or an unknown ``combine``.
     """
     logits = np.asarray(logits)
     if logits.ndim != 3:
@@ -254,6 +283,12 @@ class EnsembleCurve(NamedTuple):
 def mean_curve(curves: Sequence[EnsembleCurve]) -> EnsembleCurve:
     """The point-wise mean of several runs' curves (e.g. one per seed), for plotting.
 
+    Args:
+      curves: `EnsembleCurve`s of one length, e.g. `accuracy_curve`'s of each seed.
+
+    Returns:
+      An `EnsembleCurve` of the means.
+
     Raises:
       ValueError: no curves, or curves of different lengths (different snapshot counts).
     """
@@ -289,9 +324,22 @@ def accuracy_curve(
     (e.g. `jaxlearn.data.augment.tta_views`) each member's prediction is its TTA
     average over the views, as in `predict_tta`, so the curve is that of TTA ensembles.
 
+    Args:
+      apply_fn, members, images, batch_size, preprocess, member_batch, compute_dtype, mesh:
+        as in `member_logits`.
+      labels: (N,) integer labels of ``images``.
+      combine: 'prob' (mean of softmax probabilities, default) or 'logits' (mean logit),
+        over the members and over the views alike.
+      views_fn: ``images -> (V, N, ...)`` test-time views, as in `member_logits`; None:
+        the images alone.
+
     Returns:
       `EnsembleCurve`: ``ensemble[k-1]`` is the accuracy of snapshots 0 .. k-1 combined,
       ``members[i]`` that of snapshot i alone (both NumPy arrays of length M).
+
+    Raises:
+      ValueError: ``labels`` not of shape (N,), an unknown ``combine``, or
+        `member_logits`'s errors.
     """
     labels = np.asarray(labels)
     if labels.shape != (len(images),):
@@ -336,6 +384,11 @@ def snapshot_steps(
 def save_snapshots(path: str | os.PathLike, snapshots: Sequence[PyTree]) -> None:
     """Write a list of snapshots to the directory ``path`` with Orbax (stacked, one array per leaf).
 
+    Args:
+      path: a directory that does not exist yet.
+      snapshots: the variable pytrees, of one structure and shapes (`stack`'s ValueError
+        otherwise).
+
     Raises:
       ValueError: if ``path`` exists already (Orbax would refuse; pick a new directory).
     """
@@ -349,6 +402,12 @@ def save_snapshots(path: str | os.PathLike, snapshots: Sequence[PyTree]) -> None
 
 def load_snapshots(path: str | os.PathLike) -> list[PyTree]:
     """Read snapshots written by `save_snapshots` back as a list of pytrees.
+
+    Args:
+      path: the directory `save_snapshots` wrote.
+
+    Returns:
+      The snapshots, in the order they were saved.
 
     Raises:
       FileNotFoundError: if ``path`` is not a directory.

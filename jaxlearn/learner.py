@@ -77,12 +77,21 @@ EXPORT_FORMAT = 1
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of examples whose most probable class is the label."""
+    """Fraction of examples whose most probable class is the label.
+
+    Args:
+      probs: (N, C) class probabilities (any scores do: only their argmax counts).
+      labels: (N,) integer class labels.
+    """
     return float(np.mean(np.argmax(probs, -1) == labels))
 
 
 def error_rate(probs: np.ndarray, labels: np.ndarray) -> float:
-    """1 - accuracy (fastai's `error_rate`)."""
+    """1 - accuracy (fastai's `error_rate`).
+
+    Args:
+      probs, labels: as in `accuracy`.
+    """
     return 1.0 - accuracy(probs, labels)
 
 
@@ -243,6 +252,10 @@ class Learner:
         the count moves on to the next multiple of them: the next fit starts at an
         epoch's first batch (the history's steps jump there).
 
+        Args:
+          dls: the new `ImageDataLoaders`, of the learner's classes; None leaves the
+            learner without data (inference only; its classes, image shape and resize stay).
+
         Raises:
           ValueError: data of other classes than the learner's (its head's).
         """
@@ -289,6 +302,14 @@ class Learner:
 
         The frozen parameters get no update and keep no optimizer state
         (`transfer.freeze_to`); `learn.state` gets the new optimizer, freshly initialised.
+
+        Args:
+          n: number of leading layer groups to freeze: 0 none, -1 all but the head
+            (negative counts from the end); kept as `learn.frozen`.
+
+        Raises:
+          ValueError: `n` outside [-G, G] for the G layer groups (`len(split_at) + 1`);
+            the learner is left as it was.
         """
         previous, self._frozen = self._frozen, n
         try:
@@ -572,6 +593,19 @@ class Learner:
 
         `learn.state` is not changed. The result is kept as `learn.lr_found`;
         `plot_lr_find()` draws it. Arguments as `lr_finder.lr_find` (fastai's defaults).
+
+        Args:
+          start_lr: the sweep's first learning rate (> 0).
+          end_lr: its last (> `start_lr`); the rates grow exponentially in between.
+          num_steps: training steps of the sweep (>= 2); it stops early once the
+            smoothed loss diverges.
+
+        Returns:
+          The `lr_finder.LRFindResult` (rates, losses, suggestions), also kept as
+          `learn.lr_found`.
+
+        Raises:
+          ValueError: a learner without data (`dls=None`), or bad sweep arguments.
         """
         self._need_data()
         self.lr_found = lr_finder.lr_find(
@@ -581,13 +615,33 @@ class Learner:
         return self.lr_found
 
     def plot_lr_find(self, path: str | os.PathLike | None = None):
-        """The last `lr_find`'s curve and suggestions (`plots.plot_lr_find`)."""
+        """The last `lr_find`'s curve and suggestions (`plots.plot_lr_find`).
+
+        Args:
+          path: also save the figure as a PNG here (optional).
+
+        Returns:
+          The matplotlib Figure.
+
+        Raises:
+          ValueError: no `lr_find` has run yet.
+        """
         if self.lr_found is None:
             raise ValueError("no LR range test to plot: call lr_find() first")
         return plots.plot_lr_find(self.lr_found, path=path)
 
     def plot_losses(self, path: str | os.PathLike | None = None):
-        """Loss, accuracy and learning rate of every fit so far (`plots.plot_history`)."""
+        """Loss, accuracy and learning rate of every fit so far (`plots.plot_history`).
+
+        Args:
+          path: also save the figure as a PNG here (optional).
+
+        Returns:
+          The matplotlib Figure (three panels against the step).
+
+        Raises:
+          ValueError: nothing trained yet (an empty `learn.history`).
+        """
         if not self.history:
             raise ValueError("no history to plot: train first")
         return plots.plot_history(self.history, path=path)
@@ -687,7 +741,15 @@ class Learner:
         return self.snapshots if ensemble else [self.state.variables]
 
     def tta(self, dl_or_images=None, ensemble: bool = False):
-        """`get_preds(..., with_tta=True)`: probabilities averaged over the image and its mirror."""
+        """`get_preds(..., with_tta=True)`: probabilities averaged over the image and its mirror.
+
+        Args:
+          dl_or_images: the images, as in `get_preds` (None: the validation set).
+          ensemble: average over `learn.snapshots` as well, as in `get_preds`.
+
+        Returns:
+          `(probs (N, C), labels (N,) or None)`, as `get_preds`.
+        """
         return self.get_preds(dl_or_images, with_tta=True, ensemble=ensemble)
 
     def predict(self, item) -> tuple[str, int, np.ndarray]:
@@ -695,6 +757,10 @@ class Learner:
 
         The image is prepared as the training images were (`resize` to the learner's
         size; files decoded as `load_image_folder` decodes them).
+
+        Args:
+          item: an image file's path (str or `os.PathLike`), or an (H, W, C) uint8 array
+            with the learner's channels (see above).
 
         Returns:
           `(class name, class index, probabilities (C,))`.
@@ -741,6 +807,9 @@ class Learner:
 
         An earlier save of that name is replaced once the new one is complete.
 
+        Args:
+          name: the save's name: the directory PATH/models/NAME, PATH the learner's `path`.
+
         Returns:
           The directory written.
         """
@@ -762,6 +831,9 @@ class Learner:
 
         Training on from here gives the same result, bit for bit, as the learner that
         saved it training on.
+
+        Args:
+          name: the name given to `save` (reads PATH/models/NAME).
 
         Raises:
           FileNotFoundError: no save of that name.
@@ -785,6 +857,10 @@ class Learner:
         its fields, the preprocessing as an importable function, so neither may be
         defined in `__main__` or inside a function, and `preprocess` may not be a
         lambda (use a module-level function or a `functools.partial` of one).
+
+        Args:
+          path: the file to write (default 'export.jaxlearn'; missing parent folders are
+            created).
 
         Returns:
           The file written (Flax msgpack, no pickle).

@@ -306,6 +306,7 @@ class CyclicSchedule:
         self.num_cycles = cycles.num_cycles
 
     def __call__(self, step):
+        """The value at `step` (the 0-based update count: host int or array, or traced)."""
         return self._value_at(*self._cycles.locate(step))
 
     def cycle_ends(self, num_cycles: int | None = None, *, num_steps: int | None = None):

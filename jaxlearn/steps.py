@@ -262,6 +262,7 @@ class TrainStep(_Compiled):
         super().__init__(fn, mesh, donate=True, returns_state=True)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        """One update on `batch`: `(new state, metrics)`; `state`'s buffers are donated."""
         fields, metrics = self._jitted(*self._args(state, batch))
         new = programs.with_arrays(fields, state)
         self._returned(new)
@@ -420,6 +421,7 @@ class EvalStep(_Compiled):
         return static, self._on_mesh(fields), (), self._batch_on_mesh(batch)
 
     def __call__(self, state: TrainState, batch: Batch) -> Metrics:
+        """The summed metrics of `state`'s model on `batch` (see `make_eval_step`)."""
         return self._jitted(*self._args(state, batch))
 
 

@@ -375,8 +375,14 @@ class ImageDataLoaders:
         They are epoch 0's first images in the loader's order, augmented with
         `jax.random.key(seed)` when the loaders have an augmentation.
 
+        Args:
+          n: how many images (>= 1); None: the loaders' `batch_size`.
+
         Returns:
           (images, labels) as NumPy arrays.
+
+        Raises:
+          ValueError: `n` < 1.
         """
         n = self.batch_size if n is None else n
         if n < 1:
@@ -393,8 +399,15 @@ class ImageDataLoaders:
     def show_batch(self, n: int = 9, path: str | os.PathLike | None = None):
         """A grid of `n` training images (`one_batch`), each titled with its class.
 
+        Args:
+          n: how many images (>= 1; default 9).
+          path: also save the figure as a PNG here (optional).
+
         Returns:
           The matplotlib Figure (`jaxlearn.plots.plot_images`); saved as a PNG at `path`.
+
+        Raises:
+          ValueError: `n` < 1.
         """
         from jaxlearn.plots import plot_images
 

@@ -109,7 +109,14 @@ class ImageFolderSource:
         return len(self.paths)
 
     def read(self, index: int, size: int, resize: str) -> tuple[np.ndarray | str, int]:
-        """(the image at `index` as (size, size, 3) uint8, or why it cannot be read; its label)."""
+        """(the image at `index` as (size, size, 3) uint8, or why it cannot be read; its label).
+
+        Args:
+          index: position of the file in this source (`paths[index]`).
+          size: side of the square image, in pixels.
+          resize: 'crop' (shortest side to `size`, then the centre) or 'squash'
+            (`decode_file`).
+        """
         return decode_file(self.paths[index], size, resize), int(self.labels[index])
 
     def take(self, indices) -> ImageFolderSource:
@@ -117,6 +124,14 @@ class ImageFolderSource:
 
         What a carved split (`carve_indices` on `labels`) streams; the folder's
         report stays the whole folder's.
+
+        Args:
+          indices: positions in this source: integers (negative ones count from the end)
+            or a boolean mask of its length (`as_indices`).
+
+        Raises:
+          ValueError: a mask of another length, or indices neither integer nor boolean.
+          IndexError: an index out of range.
         """
         indices = as_indices(indices, len(self.labels))
         part = copy.copy(self)
@@ -180,7 +195,12 @@ class TfdsSource:
         return len(self.rows)
 
     def read(self, index: int, size: int, resize: str) -> tuple[np.ndarray, int]:
-        """(example `index`'s image as (size, size, channels) uint8; its label)."""
+        """(example `index`'s image as (size, size, channels) uint8; its label).
+
+        Args:
+          index: position in this source (of its `rows`, the split's examples it serves).
+          size, resize: as in `ImageFolderSource.read` (`resize_array`).
+        """
         example = self.source[int(self.rows[index])]
         image = np.asarray(example[self.image_key], np.uint8)
         return resize_array(image, size, resize), int(example[self.label_key])
@@ -219,6 +239,13 @@ class TfdsSource:
         """The source of the examples at `indices`, in that order (`ImageFolderSource.take`'s).
 
         The labels are read first (once), as the carved split needs them anyway.
+
+        Args:
+          indices: as in `ImageFolderSource.take`.
+
+        Raises:
+          ValueError: a mask of another length, or indices neither integer nor boolean.
+          IndexError: an index out of range.
         """
         indices = as_indices(indices, len(self.rows))
         labels = self.labels[indices]  # NumPy's IndexError for an index out of range
@@ -409,7 +436,12 @@ class StreamLoader:
         return n // b if self.train else -(-n // b)
 
     def order(self, epoch: int) -> np.ndarray:
-        """Example indices of `epoch`, in the order they are served (pure in seed, epoch)."""
+        """Example indices of `epoch`, in the order they are served (pure in seed, epoch).
+
+        Args:
+          epoch: epoch index: it selects the shuffle in training
+            (`default_rng([seed, epoch])`); evaluation serves 0 .. N-1 in every epoch.
+        """
         return _order(self.seed, epoch, self.num_examples, self.train)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
@@ -544,6 +576,14 @@ def check_stream_options(options: dict, caller: str, stream: bool | None = None)
     streaming (True); the other options (`workers`, `threads`, `prefetch`) only
     tune the streaming path and change no batch.
 
+    Args:
+      options: the `**stream_options` the caller received.
+      caller: the caller's name, for the error messages (e.g. 'folder_loader').
+      stream: the caller's `stream`: True, False, or None (decide by the memory budget).
+
+    Returns:
+      `stream` as given, or True with `crop='random'`.
+
     Raises:
       TypeError: keywords that `StreamLoader` does not take.
       ValueError: `crop='random'` with `stream=False`.
@@ -579,6 +619,17 @@ def choose_stream(
     The decoded size is `images * size * size * channels` bytes (ImageNet at 224 px:
     190 GB). `stream` True or False forces a path; None streams above `budget` bytes
     (default `memory_budget()`). The line goes to logger `jaxlearn.data.stream`, level INFO.
+
+    Args:
+      folder: the data's folder, as the log line names it.
+      images: number of images.
+      size: side of the square decoded images, in pixels.
+      stream: True (stream) or False (decode into memory) forces a path; None decides.
+      budget: bytes the decoded images may take; None: `memory_budget()`.
+      channels: channels per pixel (default 3).
+
+    Returns:
+      True to stream from disk (`StreamLoader`), False to decode into memory.
     """
     need = images * size * size * channels
     budget = memory_budget() if budget is None else budget

@@ -55,6 +55,14 @@ def hide_gpus_from_tensorflow() -> None:
 def prepared_builder(name: str, data_dir: str | os.PathLike | None = None):
     """tfds's builder of data set `name`, prepared in `data_dir` (preparing it if need be).
 
+    Preparing downloads the data set (network access) and needs TensorFlow; TensorFlow is
+    first kept off the GPUs (`hide_gpus_from_tensorflow`).
+
+    Args:
+      name: tfds name, with config and version if needed, as in `load_tfds`.
+      data_dir: tfds data folder; None: tfds's default (~/tensorflow_datasets or
+        $TFDS_DATA_DIR).
+
     Raises:
       ImportError: the data set is not prepared and TensorFlow, which preparing
         it needs, is not installed (the message says how to get it).

@@ -38,6 +38,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        """Apply the block to NHWC `x`; `train`: BatchNorm uses batch statistics."""
         out = conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
         out = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(out))
         out = conv(self.planes, 3, name="conv2", dtype=self.dtype)(out)
@@ -59,6 +60,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        """Apply the block to NHWC `x`; `train`: BatchNorm uses batch statistics."""
         out = conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
         out = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(out))
         out = conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype)(out)
