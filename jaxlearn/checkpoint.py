@@ -26,18 +26,16 @@ an EMA as the checkpoint has it (the refusal names the `ema/...` keys).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlearn.runs import jsonable
+from jaxlearn.runs import json_config
 from jaxlearn.state import TrainState
 
 _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
@@ -73,19 +71,6 @@ def _abstract(tree: Any) -> Any:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree,
     )
-
-
-def json_config(config: Mapping[str, Any] | None) -> dict:
-    """A run's configuration as a checkpoint stores and returns it: plain JSON values
-    (`runs.jsonable`: NumPy scalars to Python numbers, tuples to lists).
-
-    Raises:
-      ValueError: a value JSON cannot hold (a function, an object), named.
-    """
-    try:
-        return json.loads(json.dumps(jsonable(dict(config or {})), allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config must hold plain JSON values: {e}") from e
 
 
 def history_to_json(history: dict[str, np.ndarray]) -> dict[str, list]:
@@ -185,7 +170,7 @@ class Checkpointer:
           state: the train state.
           history: `fit`'s history (dict of arrays).
           snapshots: list of captured `{'params', 'batch_stats'}` pytrees.
-          config: the run's configuration, in JSON values (`json_config`).
+          config: the run's configuration, in JSON values (`runs.json_config`).
 
         Raises:
           ValueError: a checkpoint at this step exists already (it is kept: a run

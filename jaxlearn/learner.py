@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from jaxlearn import loop, lr_finder, plots
-from jaxlearn.checkpoint import Checkpointer, json_config
+from jaxlearn.checkpoint import Checkpointer
 from jaxlearn.data.arrays import ImageArrays
 from jaxlearn.data.augment import tta_views
 from jaxlearn.data.images import decode_file, resize_array
@@ -54,6 +54,7 @@ from jaxlearn.data.stream import SourceImages, StreamLoader
 from jaxlearn.ensemble import combine_logits, member_logits, snapshot_steps
 from jaxlearn.inference import pad_rows
 from jaxlearn.parallel import mesh_of
+from jaxlearn.runs import json_config
 from jaxlearn.schedules import one_cycle, sgdr
 from jaxlearn.state import TrainState
 from jaxlearn.steps import make_eval_step, make_train_step

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlearn.checkpoint import json_config
 from jaxlearn.inference import check_fits
 from jaxlearn.parallel import data_mesh, replicate
+from jaxlearn.runs import json_config
 from jaxlearn.state import TrainState, ema_variables
 from jaxlearn.steps import TARGET_TOLERANCE
 
@@ -177,7 +177,7 @@ class Checkpoint(Callback):
         every_steps / every_epochs: save period (positive), either or both.
         capture: a CaptureParams whose snapshots go into each checkpoint.
         config: the run's configuration, to store alongside (and to recognise the run
-          by when resuming), in JSON values (`checkpoint.json_config`)."""
+          by when resuming), in JSON values (`runs.json_config`)."""
         for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")

@@ -326,6 +326,19 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def json_config(config: Mapping[str, Any] | None) -> dict:
+    """A run's configuration as a checkpoint stores and returns it: plain JSON values
+    (`jsonable`: NumPy scalars to Python numbers, tuples to lists).
+
+    Raises:
+      ValueError: a value JSON cannot hold (a function, an object), named.
+    """
+    try:
+        return json.loads(json.dumps(jsonable(dict(config or {}))))
+    except TypeError as e:
+        raise ValueError(f"config must hold plain JSON values: {e}") from e
+
+
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """Summary statistics of per-seed (or per-draw) results, for results.json.
 

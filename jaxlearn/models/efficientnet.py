@@ -156,9 +156,8 @@ class MBConv(nn.Module):
         if self.stride == 1 and inputs.shape[-1] == self.features:
             # Drop-connect as the reference: a whole sample's branch, kept ones scaled by 1/keep.
             # Off in a frozen block, as in torch's eval(): `freeze_to(bn="eval")`'s reference.
-            x = nn.Dropout(self.drop_connect, broadcast_dims=(1, 2, 3), deterministic=not bn_train)(
-                x
-            )
+            drop = nn.Dropout(self.drop_connect, broadcast_dims=(1, 2, 3))
+            x = drop(x, deterministic=not bn_train)
             x = x + inputs
         return x
 
